@@ -146,3 +146,59 @@ def report(
         fail(str(e), 2)
     out.print(f"report: {s['ok']} ok runs ({s['failed']} failed) -> {out_dir / 'index.md'}, "
               f"{out_dir / 'index.html'}, {len(s['figures'])} figures")
+
+
+@app.command()
+def keys(
+    model: Annotated[str, typer.Option(help="embedded alias, Hugging Face id or local folder")] = C.DEFAULT_MODEL,
+    task: Annotated[str, typer.Option(help="task name")] = C.DEFAULT_TASK,
+    edits: Annotated[int, typer.Option(help="number of edit requests (sampled as `bench run` does)")] = C.DEFAULT_EDITS,
+    seed: Annotated[int, typer.Option(help="seed for sampling the requests")] = 0,
+    layers: Annotated[str, typer.Option(help="second_fc (FFN output linear) or first_fc")] = "second_fc",
+    blocks: Annotated[str | None, typer.Option(help="comma-separated block indices (default: the last --last-n)")] = None,
+    last_n: Annotated[int, typer.Option(help="edit the last N blocks when --blocks is not given")] = 6,
+    lam: Annotated[str, typer.Option(help="comma-separated ridge λ values")] = "0.01,0.1,1,10",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    results: Annotated[Path, typer.Option(help="cache folder for models")] = Path("results"),
+    json_: Annotated[bool, typer.Option("--json", help="print the rows as JSON on the last line")] = False,
+) -> None:
+    """Key geometry: how far a least-squares edit of N requests reaches their rephrases and unrelated prompts."""
+    import tasks
+    from bench.geometry import key_geometry
+    from bench.models import LoadContext, ModelLoadError, load_model
+    from bench.progress import progress_factory
+    from bench.run import resolve_device
+
+    try:
+        lams = [float(x) for x in lam.split(",") if x.strip()]
+        block_ids = [int(x) for x in blocks.split(",")] if blocks else None
+    except ValueError as e:
+        fail(f"bad --lam/--blocks value: {e}")
+    if not lams or any(x <= 0 for x in lams):
+        fail("--lam needs positive values (λ = 0 is singular for n < d keys)")
+    if task not in tasks.TASKS:
+        fail(f"unknown task {task!r}; known: {', '.join(sorted(tasks.TASKS))}")
+    try:
+        t = tasks.TASKS[task]()
+        requests = t.sample(edits, seed)
+        dev = resolve_device(device)
+        em = load_model(LoadContext(model, results, str(dev), t.kind, seed, progress_factory(err)))
+        modules = em.module_names(which=layers, blocks=block_ids, last_n=last_n)
+    except (ValueError, ModelLoadError) as e:
+        fail(str(e))
+    rows = key_geometry(em, requests, modules, lams)
+    tab = Table(title=f"key geometry: {model} / {task}, {edits} edits, seed {seed}\n"
+                      "reach = ‖α(q)‖, the share of the edits' shift key q receives (bench/geometry.py)",
+                title_justify="left")
+    names = {r.module: r.module.removeprefix("transformer.").removeprefix("model.") for r in rows}
+    tab.add_column("module", no_wrap=True, min_width=max(map(len, names.values()), default=6))
+    for c in ("λ", "tuples", "α_jj", "reach edit", "reach reph.", "reach unrel.", "dims90", "d"):
+        tab.add_column(c, justify="right")
+    for r in rows:
+        name = names[r.module]
+        tab.add_row(name, f"{r.lam:g}", str(r.n_edit_tuples), f"{r.self_coef:.3f}", f"{r.edit_reach:.3f}",
+                    f"{r.equiv_reach:.3f}", f"{r.unrel_reach:.3f}", str(r.dims90), str(r.key_dim))
+    out.print(tab)
+    if json_:
+        sys.stdout.flush()
+        print(json.dumps([r.as_dict() for r in rows], sort_keys=True))
