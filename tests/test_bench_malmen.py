@@ -15,6 +15,7 @@ import torch
 
 from bench.measure import measure
 from bench.models import LoadContext, load_model
+from editors.base import model_defaults
 from editors.malmen import MalmenEditor, MalmenHParams
 from editors.meta import MetaBatch, cache_for, meta_backward
 from tasks.synthetic import SyntheticTask
@@ -34,8 +35,9 @@ def requests_pool():
     return task.train_split() + task.eval_split()
 
 
-def _editor(tiny, **kw) -> MalmenEditor:
-    return MalmenEditor(tiny, MalmenHParams(**kw))
+def _editor(tiny) -> MalmenEditor:
+    """MALMEN with the hyperparameters `bench run` uses on tiny-gpt2 (editors/hparams/malmen/tiny-gpt2.json)."""
+    return MalmenEditor(tiny, MalmenHParams(**model_defaults("malmen", "tiny-gpt2")))
 
 
 def _run_measured(benchmark, fn, device):
