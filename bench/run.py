@@ -210,6 +210,8 @@ def execute(
         row["status"] = "ok"
     except editors.base.UnsupportedTask as e:
         raise UserError(str(e)) from None
+    except UserError:  # bad input found before anything ran: nothing to store
+        raise
     except Exception as e:  # the run failed: store why, keep everything else
         oom = isinstance(e, torch.OutOfMemoryError)
         row["status"] = "failed"
@@ -237,6 +239,12 @@ def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, lo
         log(f"note: {note} (recorded in the row as config.data.train_note)")
     set_seed(cfg.seed)
     train = res.task.train_split()
+    if res.editor_cls.meta_trains and not train:
+        dropped = res.task.data_info.get("train_overlap_dropped")
+        why = (f": all {dropped} of its training requests share a prompt with the evaluation data and were dropped"
+               if dropped else "")
+        raise UserError(f"editor '{cfg.editor}' meta-trains, but task '{cfg.task}' has no training requests{why}; "
+                        "give --train-data FILE with requests that are not in --data")
     with measure(res.device) as prep:
         editor.prepare(train)
     requests = res.task.sample(cfg.n_edits, cfg.seed)

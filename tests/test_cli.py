@@ -125,3 +125,14 @@ def test_failed_run_is_stored_with_its_error_and_exits_1(tmp_path, tiny_gpt2, mo
     assert lines[0] == '{"config_hash": "earlier", "status": "ok"}'
     failed = json.loads(lines[1])
     assert failed["status"] == "failed" and "FloatingPointError" in failed["error"]
+
+
+def test_meta_training_without_training_requests_is_a_clear_error(tmp_path, tiny_gpt2):
+    """--data equal to the shipped zsRE file: every training request overlaps it and is dropped, so
+    MALMEN has nothing to meta-train on; the error says why (exit 2) and nothing is stored."""
+    shipped = REPO / "tasks" / "data" / "zsre" / "zsre_mend_train-1k.json"
+    r = runner.invoke(app, ["run", "--editor", "malmen", "--model", "tiny-gpt2", "--task", "zsre", "--edits", "2",
+                            "--data", str(shipped), "--results", str(tmp_path), "--cache-dir", str(REPO / "results")])
+    assert r.exit_code == 2, r.output
+    assert "no training requests" in r.output and "dropped" in r.output and "--train-data" in r.output
+    assert not (tmp_path / "runs.jsonl").exists() or "malmen" not in (tmp_path / "runs.jsonl").read_text()
