@@ -188,15 +188,15 @@ def keys(
         fail(str(e))
     rows = key_geometry(em, requests, modules, lams)
     tab = Table(title=f"key geometry: {model} / {task}, {edits} edits, seed {seed}\n"
-                      "reach = ‖α(q)‖, the share of the edits' shift key q receives (bench/geometry.py)",
+                      "reach ‖α(q)‖ of the edit, rephrase and unrelated keys: the share of the edits' shift they\n"
+                      "receive (bench/geometry.py); dims90 = directions holding 90% of the key energy",
                 title_justify="left")
-    names = {r.module: r.module.removeprefix("transformer.").removeprefix("model.") for r in rows}
-    tab.add_column("module", no_wrap=True, min_width=max(map(len, names.values()), default=6))
-    for c in ("λ", "tuples", "α_jj", "reach edit", "reach reph.", "reach unrel.", "dims90", "d"):
-        tab.add_column(c, justify="right")
+    tab.caption = "modules: " + ", ".join(dict.fromkeys(r.module for r in rows))
+    for c in ("block", "λ", "tuples", "α_jj", "edit", "reph.", "unrel.", "dims90", "d"):
+        tab.add_column(c, justify="right", no_wrap=True)
     for r in rows:
-        name = names[r.module]
-        tab.add_row(name, f"{r.lam:g}", str(r.n_edit_tuples), f"{r.self_coef:.3f}", f"{r.edit_reach:.3f}",
+        block = next((p for p in r.module.split(".") if p.isdigit()), r.module)
+        tab.add_row(block, f"{r.lam:g}", str(r.n_edit_tuples), f"{r.self_coef:.3f}", f"{r.edit_reach:.3f}",
                     f"{r.equiv_reach:.3f}", f"{r.unrel_reach:.3f}", str(r.dims90), str(r.key_dim))
     out.print(tab)
     if json_:

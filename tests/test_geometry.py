@@ -63,6 +63,6 @@ def test_bench_keys_cli(tiny_gpt2):
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output.strip().splitlines()[-1])
     assert [x["lam"] for x in rows] == [0.1, 1.0]
-    assert rows[0]["module"].endswith("h.3.mlp.c_proj")
+    assert rows[0]["module"].endswith("h.3.mlp.c_proj") and "h.3.mlp.c_proj" in r.output
     bad = CliRunner().invoke(app, ["keys", "--model", "tiny-gpt2", "--task", "synthetic", "--lam", "0"])
     assert bad.exit_code == 2 and "positive" in bad.output
