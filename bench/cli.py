@@ -186,6 +186,8 @@ def keys(
         modules = em.module_names(which=layers, blocks=block_ids, last_n=last_n)
     except (ValueError, ModelLoadError) as e:
         fail(str(e))
+    if em.kind != t.kind:
+        fail(f"model '{model}' is a {em.kind} model but task '{task}' needs a {t.kind} model")
     rows = key_geometry(em, requests, modules, lams)
     tab = Table(title=f"key geometry: {model} / {task}, {edits} edits, seed {seed}\n"
                       "reach ‖α(q)‖ of the edit, rephrase and unrelated keys: the share of the edits' shift they\n"

@@ -66,3 +66,9 @@ def test_bench_keys_cli(tiny_gpt2):
     assert rows[0]["module"].endswith("h.3.mlp.c_proj") and "h.3.mlp.c_proj" in r.output
     bad = CliRunner().invoke(app, ["keys", "--model", "tiny-gpt2", "--task", "synthetic", "--lam", "0"])
     assert bad.exit_code == 2 and "positive" in bad.output
+
+
+def test_bench_keys_rejects_a_model_of_the_wrong_kind(tiny_gpt2):
+    r = CliRunner().invoke(app, ["keys", "--model", "tiny-gpt2", "--task", "fever", "--edits", "2",
+                                 "--results", str(REPO / "results")])
+    assert r.exit_code == 2 and "needs a cls model" in r.output
