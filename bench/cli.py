@@ -167,7 +167,7 @@ def keys(
     from bench.geometry import key_geometry
     from bench.models import LoadContext, ModelLoadError, load_model
     from bench.progress import progress_factory
-    from bench.run import resolve_device
+    from bench.run import UserError, require_kind, resolve_device
 
     try:
         lams = [float(x) for x in lam.split(",") if x.strip()]
@@ -186,8 +186,10 @@ def keys(
         modules = em.module_names(which=layers, blocks=block_ids, last_n=last_n)
     except (ValueError, ModelLoadError) as e:
         fail(str(e))
-    if em.kind != t.kind:
-        fail(f"model '{model}' is a {em.kind} model but task '{task}' needs a {t.kind} model")
+    try:
+        require_kind(em, t, model, task)
+    except UserError as e:
+        fail(str(e))
     rows = key_geometry(em, requests, modules, lams)
     tab = Table(title=f"key geometry: {model} / {task}, {edits} edits, seed {seed}\n"
                       "reach ‖α(q)‖ of the edit, rephrase and unrelated keys: the share of the edits' shift they\n"

@@ -168,6 +168,12 @@ class ModelCache:
         return self._models[key]
 
 
+def require_kind(em: EditableModel, task: Task, model_name: str, task_name: str) -> None:
+    """UserError unless the model's kind (causal LM or classifier) is the one the task needs."""
+    if task.kind != em.kind:
+        raise UserError(f"model '{model_name}' is a {em.kind} model but task '{task_name}' needs a {task.kind} model")
+
+
 def execute(
     cfg: RunConfig,
     results_dir: str | Path = "results",
@@ -203,8 +209,7 @@ def execute(
         "env": environment(res.device),
     }
     em = models.get(res, cache, progress)
-    if res.task.kind != em.kind:
-        raise UserError(f"model '{cfg.model}' is a {em.kind} model but task '{cfg.task}' needs a {res.task.kind} model")
+    require_kind(em, res.task, cfg.model, cfg.task)
     try:
         row.update(_run_phases(res, em, cache, progress, log))
         row["status"] = "ok"
