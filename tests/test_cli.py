@@ -136,3 +136,11 @@ def test_meta_training_without_training_requests_is_a_clear_error(tmp_path, tiny
     assert r.exit_code == 2, r.output
     assert "no training requests" in r.output and "dropped" in r.output and "--train-data" in r.output
     assert not (tmp_path / "runs.jsonl").exists() or "malmen" not in (tmp_path / "runs.jsonl").read_text()
+
+
+def test_model_of_the_wrong_kind_is_exit_2_and_not_stored(tmp_path, tiny_gpt2):
+    r = runner.invoke(app, ["run", "--editor", "ft", "--model", "tiny-gpt2", "--task", "fever", "--edits", "2",
+                            "--results", str(tmp_path), "--cache-dir", str(REPO / "results")])
+    assert r.exit_code == 2, r.output
+    assert "is a lm model but task 'fever' needs a cls model" in r.output
+    assert not (tmp_path / "runs.jsonl").exists()
