@@ -167,7 +167,7 @@ def keys(
     from bench.geometry import key_geometry
     from bench.models import LoadContext, ModelLoadError, load_model
     from bench.progress import progress_factory
-    from bench.run import UserError, require_kind, resolve_device
+    from bench.run import UserError, choose, require_kind, resolve_device
 
     try:
         lams = [float(x) for x in lam.split(",") if x.strip()]
@@ -176,19 +176,14 @@ def keys(
         fail(f"bad --lam/--blocks value: {e}")
     if not lams or any(x <= 0 for x in lams):
         fail("--lam needs positive values (λ = 0 is singular for n < d keys)")
-    if task not in tasks.TASKS:
-        fail(f"unknown task {task!r}; known: {', '.join(sorted(tasks.TASKS))}")
     try:
-        t = tasks.TASKS[task]()
+        t = choose("task", task, tasks.TASKS)()
         requests = t.sample(edits, seed)
         dev = resolve_device(device)
         em = load_model(LoadContext(model, results, str(dev), t.kind, seed, progress_factory(err)))
-        modules = em.module_names(which=layers, blocks=block_ids, last_n=last_n)
-    except (ValueError, ModelLoadError) as e:
-        fail(str(e))
-    try:
         require_kind(em, t, model, task)
-    except UserError as e:
+        modules = em.module_names(which=layers, blocks=block_ids, last_n=last_n)
+    except (UserError, ValueError, ModelLoadError) as e:
         fail(str(e))
     rows = key_geometry(em, requests, modules, lams)
     tab = Table(title=f"key geometry: {model} / {task}, {edits} edits, seed {seed}\n"

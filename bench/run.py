@@ -65,7 +65,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _choose(kind: str, name: str, registry: dict[str, Any]) -> Any:
+def choose(kind: str, name: str, registry: dict[str, Any]) -> Any:
+    """The registry entry `name`, or a UserError listing the choices."""
     if name not in registry:
         raise UserError(f"unknown {kind} '{name}'; choices: {', '.join(sorted(registry))}")
     return registry[name]
@@ -86,8 +87,8 @@ class Resolved:
 
 def resolve(cfg: RunConfig) -> Resolved:
     """Validate names and `--set` keys, build task and hparams, and compute the config hash."""
-    task_cls = _choose("task", cfg.task, tasks.TASKS)
-    editor_cls = _choose("editor", cfg.editor, editors.EDITORS)
+    task_cls = choose("task", cfg.task, tasks.TASKS)
+    editor_cls = choose("editor", cfg.editor, editors.EDITORS)
     if cfg.n_edits < 1:
         raise UserError("--edits must be at least 1")
     task_fields = {f.name: f for f in dataclasses.fields(task_cls.config_cls)}
