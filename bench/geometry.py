@@ -74,15 +74,15 @@ def key_geometry(em: EditableModel, requests: Sequence[EditRequest], modules: Se
                          modules, cache, micro_batch)
     out: list[LayerGeometry] = []
     for n in modules:
-        k = edit.keys[n]
-        parts = [k, unrel.keys[n]] + ([equiv.keys[n]] if equiv is not None else [])
-        dims = energy_dims(torch.cat(parts))
+        k, u = edit.keys[n], unrel.keys[n]
+        e = equiv.keys[n] if equiv is not None else k[:0]
+        dims = energy_dims(torch.cat([k, u, e]))
         for lam in lams:
-            own = reach(k, k, lam)
-            eq = reach(k, equiv.keys[n], lam).norm(dim=0).mean() if equiv is not None else torch.tensor(float("nan"))
+            # one Gram matrix and one solve per λ for the three kinds of query, split afterwards
+            own, a_u, a_e = reach(k, torch.cat([k, u, e]), lam).split([len(k), len(u), len(e)], dim=1)
             out.append(LayerGeometry(
                 module=n, lam=float(lam), n_edit_tuples=k.shape[0],
                 self_coef=float(own.diagonal().mean()), edit_reach=float(own.norm(dim=0).mean()),
-                equiv_reach=float(eq), unrel_reach=float(reach(k, unrel.keys[n], lam).norm(dim=0).mean()),
-                dims90=dims, key_dim=k.shape[1]))
+                equiv_reach=float(a_e.norm(dim=0).mean()) if len(e) else float("nan"),
+                unrel_reach=float(a_u.norm(dim=0).mean()), dims90=dims, key_dim=k.shape[1]))
     return out
