@@ -158,6 +158,7 @@ def keys(
     blocks: Annotated[str | None, typer.Option(help="comma-separated block indices (default: the last --last-n)")] = None,
     last_n: Annotated[int, typer.Option(help="edit the last N blocks when --blocks is not given")] = 6,
     lam: Annotated[str, typer.Option(help="comma-separated ridge λ values")] = "0.01,0.1,1,10",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="task option KEY=VALUE (e.g. locality=neighbours)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     results: Annotated[Path, typer.Option(help="cache folder for models")] = Path("results"),
     json_: Annotated[bool, typer.Option("--json", help="print the rows as JSON on the last line")] = False,
@@ -168,6 +169,7 @@ def keys(
     from bench.models import LoadContext, ModelLoadError, load_model
     from bench.progress import progress_factory
     from bench.run import UserError, choose, require_kind, resolve_device
+    from editors.base import hparams_from
 
     try:
         lams = [float(x) for x in lam.split(",") if x.strip()]
@@ -177,13 +179,16 @@ def keys(
     if not lams or any(x <= 0 for x in lams):
         fail("--lam needs positive values (λ = 0 is singular for n < d keys)")
     try:
-        t = choose("task", task, tasks.TASKS)()
+        task_cls = choose("task", task, tasks.TASKS)
+        t = task_cls(hparams_from(task_cls.config_cls, C.parse_sets(set_), {}))
         requests = t.sample(edits, seed)
         dev = resolve_device(device)
         em = load_model(LoadContext(model, results, str(dev), t.kind, seed, progress_factory(err)))
         require_kind(em, t, model, task)
         modules = em.module_names(which=layers, blocks=block_ids, last_n=last_n)
-    except (UserError, ValueError, ModelLoadError) as e:
+    except KeyError as e:
+        fail(f"unknown --set key {e} for task '{task}'")
+    except (UserError, ValueError, TypeError, ModelLoadError) as e:
         fail(str(e))
     rows = key_geometry(em, requests, modules, lams)
     tab = Table(title=f"key geometry: {model} / {task}, {edits} edits, seed {seed}\n"

@@ -51,7 +51,8 @@ def task_defaults(task: str) -> dict[str, Any] | None:
 def variant_diff(config: dict[str, Any]) -> dict[str, Any]:
     """The hparams and task-config values of a stored config that differ from the defaults.
 
-    Keys are `--set` names. When the editor or task is no longer registered the defaults are unknown;
+    Keys are `--set` names; a task field the stored config lacks (added since) is reported as None.
+    When the editor or task is no longer registered the defaults are unknown;
     then the whole hparams dict is returned under the key "hparams#" + its hash, so it still separates.
     """
     out: dict[str, Any] = {}
@@ -67,6 +68,9 @@ def variant_diff(config: dict[str, Any]) -> dict[str, Any]:
         out["task_config#"] = stable_hash(tc, 8)
     else:
         out.update({k: v for k, v in tc.items() if tdflt.get(k, object()) != v})
+        # A field added to the task since the row was stored: the row ran without it, so it is not
+        # the default configuration of today (e.g. synthetic rows from before `locality` existed).
+        out.update({k: None for k in tdflt if k not in tc})
     return out
 
 

@@ -6,13 +6,24 @@ Entities are of two kinds:
 
 - *edit entities*: their facts are split, by fact, into a train split (meta-training) and an
   eval split (the benchmark's edits);
-- *locality entities*: their facts are never edited; they are the unrelated probes. Keeping them
-  apart guarantees that a locality probe is never one of the facts edited in the same batch.
+- *locality entities*: people whose facts are never edited; with `locality=neighbours` they are the
+  probes (other people asked the same four relations, with the same 16-word answer vocabularies: the
+  neighbourhood probes of CounterFact, harder than MALMEN's);
+- *countries*: made-up countries with a capital and a continent, never edited; by default
+  (`locality=unrelated`) their facts are the unrelated probes, as Natural Questions are for zsRE in
+  MALMEN and MEND: other subjects, other relations, other answers.
+
+Why two kinds of probe: with four relations, a batch of 64 edits touches every relation, so every
+neighbour probe shares a relation and its answer vocabulary with some edit. A 128-wide model keeps
+about 15 directions per relation for those answers, so 64 edits saturate them and no linear edit
+can move the edited facts without moving the neighbours (`bench keys`, README "Key geometry").
+MALMEN's LS is defined on unrelated questions; the neighbour score is kept as the harder,
+CounterFact-style measure. Both modes probe facts that are never edited in any batch.
 
 An edit request takes template 0 of a fact as the edit prompt, the other templates as
 rephrases, a counterfactual value (deterministic, whose first word differs from the true
 value's, so that the true value does not already score the first answer token) as the target,
-and a locality entity's fact with its true value as the unrelated probe.
+and a probe fact (template 0) with its true value as the locality prompt.
 Some values are two words long and share their first word in pairs ("New York", "New Delhi"),
 so multi-token answers are exercised and the second word is not implied by the first.
 """
@@ -66,6 +77,26 @@ VALUES: dict[str, list[str]] = {
               "accordion", "ukulele", "bass guitar", "bass clarinet", "tenor saxophone", "tenor drum"],
 }
 
+# Never-edited relations of the countries (the unrelated probes). Capitals are made-up names, one
+# per country (generated with the world); continents share first words ("North/South America").
+UNRELATED_TEMPLATES: dict[str, list[str]] = {
+    "capital": [
+        "The capital of {s} is",
+        "{s} has its capital in",
+        "The seat of government of {s} is",
+        "Which city is the capital of {s}? It is",
+    ],
+    "continent": [
+        "{s} is a country in",
+        "{s} is located in",
+        "The continent of {s} is",
+        "On which continent is {s}? It is in",
+    ],
+}
+CONTINENTS = ["Europe", "Asia", "Africa", "Oceania", "North America", "South America", "Central America",
+              "Antarctica"]
+LOCALITY_MODES = ("unrelated", "neighbours")
+
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr", "st", "th"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
 _CODAS = ["", "", "", "n", "r", "l", "s", "k", "x"]
@@ -82,11 +113,20 @@ class SyntheticConfig(TaskConfig):
     n_entities: int = 512  # edit entities: n_entities * 4 facts, split train/eval by fact
     n_locality_entities: int = 128  # never-edited entities whose facts are the unrelated probes
     train_fraction: float = 0.5  # share of edit facts in the train split (0.5 -> 1024 eval facts)
+    n_countries: int = 128  # never-edited countries whose facts are the unrelated probes
+    locality: str = "unrelated"  # probes: "unrelated" (countries) or "neighbours" (locality people)
+
+    def __post_init__(self) -> None:
+        if self.locality not in LOCALITY_MODES:
+            raise ValueError(f"locality must be one of {LOCALITY_MODES}, got {self.locality!r}")
+        if self.locality == "unrelated" and self.n_countries < 2:
+            raise ValueError("locality=unrelated needs n_countries >= 2 (the probes are the countries' facts)")
 
     def world_key(self) -> dict[str, Any]:
-        """The fields that define the world (what a model trained on it depends on)."""
+        """The fields that define the world (what a model trained on it depends on; not `locality`)."""
         return {"world_seed": self.world_seed, "n_entities": self.n_entities,
-                "n_locality_entities": self.n_locality_entities, "train_fraction": self.train_fraction}
+                "n_locality_entities": self.n_locality_entities, "train_fraction": self.train_fraction,
+                "n_countries": self.n_countries}
 
 
 @dataclass(frozen=True)
@@ -121,7 +161,8 @@ class World:
     values: dict[str, list[str]]
     train_idx: list[int]  # indices into `facts` of the edit facts in the train split
     eval_idx: list[int]  # ... in the eval split
-    locality_idx: list[int]  # facts of locality entities (never edited)
+    locality_idx: list[int]  # facts of locality entities (never edited; the neighbour probes)
+    unrelated_idx: list[int]  # facts of the countries (never edited; the unrelated probes)
     seed: int
     _cf: dict[int, str] = field(default_factory=dict, repr=False)
 
@@ -160,14 +201,17 @@ class World:
             subject=f.entity,
         )
 
-    def requests(self, split: str) -> list[EditRequest]:
-        """Edit requests of the 'train' or 'eval' split; locality probes drawn from that split's half
-        of the locality facts, so the two splits share nothing."""
+    def requests(self, split: str, locality: str = "unrelated") -> list[EditRequest]:
+        """Edit requests of the 'train' or 'eval' split; probes (`locality`: countries' or locality
+        people's facts) drawn from that split's half of the pool, so the two splits share nothing."""
         if split not in ("train", "eval"):
             raise ValueError(f"unknown split {split!r}")
+        if locality not in LOCALITY_MODES:
+            raise ValueError(f"unknown locality mode {locality!r}; choose one of {LOCALITY_MODES}")
         idx = self.train_idx if split == "train" else self.eval_idx
-        half = len(self.locality_idx) // 2
-        pool = self.locality_idx[:half] if split == "train" else self.locality_idx[half:]
+        probes = self.unrelated_idx if locality == "unrelated" else self.locality_idx
+        half = len(probes) // 2
+        pool = probes[:half] if split == "train" else probes[half:]
         rng = random.Random(f"{self.seed}:loc:{split}")
         return [self.request(i, pool[rng.randrange(len(pool))]) for i in idx]
 
@@ -175,22 +219,32 @@ class World:
 def build_world(config: SyntheticConfig | None = None) -> World:
     """Generate the world deterministically from `config` (world seed and sizes)."""
     cfg = config or SyntheticConfig()
-    if cfg.n_entities < 1 or cfg.n_locality_entities < 2:
-        raise ValueError("synthetic world needs n_entities >= 1 and n_locality_entities >= 2")
+    if cfg.n_entities < 1 or cfg.n_locality_entities < 2 or cfg.n_countries < 0:
+        raise ValueError("synthetic world needs n_entities >= 1, n_locality_entities >= 2 and n_countries >= 0")
     rng = random.Random(f"world:{cfg.world_seed}")
-    vocab = {w for ts in TEMPLATES.values() for t in ts for w in t.split()}
-    vocab |= {w for vs in VALUES.values() for v in vs for w in v.split()}
+    templates = {**TEMPLATES, **UNRELATED_TEMPLATES}
+    vocab = {w for ts in templates.values() for t in ts for w in t.split()}
+    vocab |= {w for vs in VALUES.values() for v in vs for w in v.split()} | {w for c in CONTINENTS for w in c.split()}
     names = _names(rng, cfg.n_entities + cfg.n_locality_entities, vocab)
     facts = [Fact(e, r, rng.choice(VALUES[r])) for e in names for r in TEMPLATES]
     n_edit = cfg.n_entities * len(TEMPLATES)
     train, ev = split_indices(n_edit, cfg.train_fraction, split_seed=cfg.world_seed + 1234)
-    # Facts are grouped by entity, so edit facts come first; locality facts are shuffled once
+    # Facts are grouped by entity, so edit facts come first; probe facts are shuffled once
     # so both halves cover all relations.
     loc = list(range(n_edit, len(facts)))
     rng.shuffle(loc)
-    return World(facts=facts, templates={r: list(t) for r, t in TEMPLATES.items()},
-                 values={r: list(v) for r, v in VALUES.items()}, train_idx=train, eval_idx=ev,
-                 locality_idx=loc, seed=cfg.world_seed)
+    # Countries and their capitals are drawn after the people, so adding them left the people's
+    # facts as they were.
+    countries = _names(rng, cfg.n_countries, vocab | set(names))
+    capitals = _names(rng, cfg.n_countries, vocab | set(names) | set(countries))
+    start = len(facts)
+    for c, cap in zip(countries, capitals):
+        facts += [Fact(c, "capital", cap), Fact(c, "continent", rng.choice(CONTINENTS))]
+    unrel = list(range(start, len(facts)))
+    rng.shuffle(unrel)
+    values = {**{r: list(v) for r, v in VALUES.items()}, "capital": capitals, "continent": list(CONTINENTS)}
+    return World(facts=facts, templates={r: list(t) for r, t in templates.items()}, values=values,
+                 train_idx=train, eval_idx=ev, locality_idx=loc, unrelated_idx=unrel, seed=cfg.world_seed)
 
 
 @register_task("synthetic")
@@ -204,7 +258,7 @@ class SyntheticTask(Task):
         super().__init__(config)
         if self.config.data or self.config.train_data:
             raise ValueError("task 'synthetic' generates its own data; --data/--train-data do not apply")
-        self.data_info = {"source": "generated", **self.config.world_key()}
+        self.data_info = {"source": "generated", **self.config.world_key(), "locality": self.config.locality}
 
     @cached_property
     def world(self) -> World:
@@ -212,8 +266,8 @@ class SyntheticTask(Task):
 
     def train_split(self) -> list[EditRequest]:
         """Requests for meta-training (disjoint from the eval split by fact and locality probe)."""
-        return self.world.requests("train")
+        return self.world.requests("train", self.config.locality)
 
     def eval_split(self) -> list[EditRequest]:
         """Requests the benchmark edits."""
-        return self.world.requests("eval")
+        return self.world.requests("eval", self.config.locality)

@@ -26,6 +26,8 @@ class SyntheticClsConfig(SyntheticConfig):
 
     n_entities: int = 24  # 96 edit facts: 48 meta-training and 48 evaluation requests
     n_locality_entities: int = 12
+    n_countries: int = 0  # its locality claims are about the locality people (below), so no countries
+    locality: str = "neighbours"
 
 
 def claim(world: World, i: int, template: int, value: str) -> str:

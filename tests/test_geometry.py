@@ -66,6 +66,16 @@ def test_bench_keys_cli(tiny_gpt2):
     assert rows[0]["module"].endswith("h.3.mlp.c_proj") and "h.3.mlp.c_proj" in r.output
     bad = CliRunner().invoke(app, ["keys", "--model", "tiny-gpt2", "--task", "synthetic", "--lam", "0"])
     assert bad.exit_code == 2 and "positive" in bad.output
+    # task options reach the requests: neighbour probes are other prompts than the countries
+    near = CliRunner().invoke(app, ["keys", "--model", "tiny-gpt2", "--task", "synthetic", "--edits", "4",
+                                    "--last-n", "1", "--lam", "0.1,1", "--results", str(REPO / "results"),
+                                    "--set", "locality=neighbours", "--json"], catch_exceptions=False)
+    assert near.exit_code == 0, near.output
+    near_rows = json.loads(near.output.strip().splitlines()[-1])
+    assert near_rows[0]["edit_reach"] == rows[0]["edit_reach"]
+    assert near_rows[0]["unrel_reach"] != rows[0]["unrel_reach"]
+    bad = CliRunner().invoke(app, ["keys", "--model", "tiny-gpt2", "--task", "synthetic", "--set", "nope=1"])
+    assert bad.exit_code == 2 and "nope" in bad.output
 
 
 def test_bench_keys_rejects_a_model_of_the_wrong_kind(tiny_gpt2):

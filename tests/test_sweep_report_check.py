@@ -24,7 +24,7 @@ from bench.config import RunConfig
 from bench.run import execute, resolve
 from bench.store import ResultStore
 from bench.sweep import exit_code, grid, parse_list, run_sweep
-from bench.variants import matches_set
+from bench.variants import matches_set, variant_diff, variant_label
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "results"
@@ -142,6 +142,18 @@ def test_set_selects_what_that_set_would_run_now():
     assert matches_set(one, {"epochs": 1}) and matches_set(one, {"epochs": "1"})
     assert matches_set(dflt, {"epochs": dflt["hparams"]["epochs"]})  # a default value names the default variant
     assert not matches_set(dflt, {"epochs": 1}) and not matches_set(one, {"epochs": 1, "lr": 1.0})
+
+
+def test_rows_stored_before_a_task_field_existed_are_not_todays_default():
+    def config(**over):
+        return resolve(RunConfig(editor="ft", model="tiny-gpt2", task="synthetic", n_edits=4, overrides=over)).config
+
+    neighbours = config(locality="neighbours")
+    assert variant_label("ft", variant_diff(neighbours)) == "ft (locality=neighbours)"
+    old = config()
+    del old["task_config"]["locality"]  # as stored before the synthetic task had unrelated probes
+    assert variant_diff(old) == {"locality": None}
+    assert not matches_set(old, {}) and matches_set(config(), {})
 
 
 # ---------------------------------------------------------------- report

@@ -31,7 +31,7 @@ def test_world_shape_names_and_templates():
     w = build_world()
     cfg = SyntheticConfig()
     entities = [f.entity for f in w.facts]
-    assert len(set(entities)) == cfg.n_entities + cfg.n_locality_entities
+    assert len(set(entities)) == cfg.n_entities + cfg.n_locality_entities + cfg.n_countries
     assert all(" " not in e for e in entities)
     assert len(w.templates) >= 4 and all(len(t) >= 3 for t in w.templates.values())
     assert all("{s}" in t for ts in w.templates.values() for t in ts)
@@ -44,7 +44,7 @@ def test_world_shape_names_and_templates():
 def test_splits_are_disjoint_large_enough_and_deterministic(synthetic_task):
     w = synthetic_task.world
     assert not set(w.train_idx) & set(w.eval_idx)
-    assert not (set(w.train_idx) | set(w.eval_idx)) & set(w.locality_idx)
+    assert not (set(w.train_idx) | set(w.eval_idx)) & (set(w.locality_idx) | set(w.unrelated_idx))
     assert len(w.eval_idx) >= 1024 and len(w.train_idx) > 0
     train, ev = synthetic_task.train_split(), synthetic_task.eval_split()
     assert len(ev) == len(w.eval_idx) and len(train) == len(w.train_idx)
@@ -71,6 +71,28 @@ def test_requests_are_filled_and_counterfactual(synthetic_task):
         assert r.locality_prompt.split()[0] not in edit_entities
     # counterfactual targets spread over the value vocabulary
     assert len({r.target for r in synthetic_task.eval_split()}) >= 32
+
+
+def test_locality_probes_are_unrelated_countries_or_neighbour_people(synthetic_task):
+    w = synthetic_task.world
+    by_prompt = {w.render(f, 0)[0]: f for f in w.facts}
+    edit_rel = {w.facts[i].relation for i in w.eval_idx}
+    unrel = [by_prompt[r.locality_prompt] for r in synthetic_task.eval_split()]
+    # default: facts of countries, on relations no edit uses, with answers no edit targets
+    assert {f.relation for f in unrel} == {"capital", "continent"} and not edit_rel & {"capital", "continent"}
+    targets = {r.target for r in synthetic_task.eval_split()}
+    assert not {f.value for f in unrel} & targets
+    assert len({f.entity for f in unrel}) >= 32
+    neigh = TASKS["synthetic"](SyntheticConfig(locality="neighbours"))
+    near = [by_prompt[r.locality_prompt] for r in neigh.eval_split()]
+    # neighbours: other (never edited) people asked the edited relations
+    assert {f.relation for f in near} == edit_rel
+    assert not {f.entity for f in near} & {w.facts[i].entity for i in w.eval_idx + w.train_idx}
+    # the choice of probes changes neither the edits nor the world
+    assert [r.prompt for r in neigh.eval_split()] == [r.prompt for r in synthetic_task.eval_split()]
+    assert neigh.world.facts == w.facts
+    with pytest.raises(ValueError, match="locality"):
+        SyntheticConfig(locality="nearby")
 
 
 def test_user_data_is_refused():
