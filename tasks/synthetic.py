@@ -13,12 +13,11 @@ Entities are of two kinds:
   (`locality=unrelated`) their facts are the unrelated probes, as Natural Questions are for zsRE in
   MALMEN and MEND: other subjects, other relations, other answers.
 
-Why two kinds of probe: with four relations, a batch of 64 edits touches every relation, so every
-neighbour probe shares a relation and its answer vocabulary with some edit. A 128-wide model keeps
-about 15 directions per relation for those answers, so 64 edits saturate them and no linear edit
-can move the edited facts without moving the neighbours (`bench keys`, README "Key geometry").
-MALMEN's LS is defined on unrelated questions; the neighbour score is kept as the harder,
-CounterFact-style measure. Both modes probe facts that are never edited in any batch.
+Why two kinds of probe: MALMEN's LS is defined on unrelated questions, and with four relations a
+batch of 64 edits touches every relation, so every neighbour probe shares a relation and its answer
+vocabulary with some edit. The neighbour score is kept as the harder, CounterFact-style measure.
+Both modes probe facts that no batch ever edits. (On tiny-gpt2 at m = 64 both kinds of probe are
+moved by the edits: its keys span a few dozen directions; `bench keys`, README "Key geometry".)
 
 An edit request takes template 0 of a fact as the edit prompt, the other templates as
 rephrases, a counterfactual value (deterministic, whose first word differs from the true
@@ -78,7 +77,7 @@ VALUES: dict[str, list[str]] = {
 }
 
 # Never-edited relations of the countries (the unrelated probes). Capitals are made-up names, one
-# per country (generated with the world); continents share first words ("North/South America").
+# per country (generated with the world); three continents share their second word ("... America").
 UNRELATED_TEMPLATES: dict[str, list[str]] = {
     "capital": [
         "The capital of {s} is",
@@ -111,7 +110,7 @@ class SyntheticConfig(TaskConfig):
 
     world_seed: int = 0
     n_entities: int = 512  # edit entities: n_entities * 4 facts, split train/eval by fact
-    n_locality_entities: int = 128  # never-edited entities whose facts are the unrelated probes
+    n_locality_entities: int = 128  # never-edited people whose facts are the neighbour probes
     train_fraction: float = 0.5  # share of edit facts in the train split (0.5 -> 1024 eval facts)
     n_countries: int = 128  # never-edited countries whose facts are the unrelated probes
     locality: str = "unrelated"  # probes: "unrelated" (countries) or "neighbours" (locality people)
