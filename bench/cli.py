@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -180,14 +181,15 @@ def keys(
         fail("--lam needs positive values (λ = 0 is singular for n < d keys)")
     try:
         task_cls = choose("task", task, tasks.TASKS)
-        t = task_cls(hparams_from(task_cls.config_cls, C.parse_sets(set_), {}))
+        sets, valid = C.parse_sets(set_), {f.name for f in dataclasses.fields(task_cls.config_cls)}
+        if unknown := sorted(set(sets) - valid):
+            raise UserError(f"unknown --set key(s) {unknown} for task '{task}'; valid: {sorted(valid)}")
+        t = task_cls(hparams_from(task_cls.config_cls, sets, {}))
         requests = t.sample(edits, seed)
         dev = resolve_device(device)
         em = load_model(LoadContext(model, results, str(dev), t.kind, seed, progress_factory(err)))
         require_kind(em, t, model, task)
         modules = em.module_names(which=layers, blocks=block_ids, last_n=last_n)
-    except KeyError as e:
-        fail(f"unknown --set key {e} for task '{task}'")
     except (UserError, ValueError, TypeError, ModelLoadError) as e:
         fail(str(e))
     rows = key_geometry(em, requests, modules, lams)
