@@ -45,6 +45,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from bench.models import EditableModel, LoadContext, ModelLoadError, arch_of
 from bench.progress import open_progress
+from bench.threads import torch_threads  # noqa: F401 - re-exported for callers
 
 LABELS: tuple[str, str] = ("SUPPORTS", "REFUTES")
 FORMAT = 1  # bump when the training code changes what a given config produces
@@ -147,18 +148,6 @@ def finetune(model: nn.Module, tok: Any, train: Sequence[tuple[str, str]], val: 
     """
     with torch_threads(cfg.threads):
         return _finetune(model, tok, train, val, cfg, progress, name)
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run with `n` intra-op threads, restoring the previous setting afterwards."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _finetune(model: nn.Module, tok: Any, train: Sequence[tuple[str, str]], val: Sequence[tuple[str, str]],

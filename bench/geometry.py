@@ -9,8 +9,10 @@ whatever the value differences d_j are. For an edit key α(u_j) ≈ e_j at small
 of an unrelated prompt's key says how strongly an edit spills onto it: when it is as large as the
 reach of the edited prompts' own keys, no choice of d_j — so no hyper-network, no z optimisation —
 can move the edited facts without moving the unrelated ones by a comparable amount (unless the d_j
-cancel along α, which different edit targets do not). `bench keys` prints these numbers per layer;
-the README uses them to explain why locality falls on tiny-gpt2 at m = 64.
+cancel along α, which different edit targets do not). Moved is not flipped: whether a moved key
+changes its answer also depends on the fact's margin (on tiny-gpt2 at m = 64, probes with reach ~1
+keep their answers once the model holds them by 8+ nats; README "tiny-gpt2"). `bench keys` prints
+these numbers per layer.
 """
 
 from __future__ import annotations

@@ -134,13 +134,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     """Versions and hardware the run used."""
     import transformers
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-            timeout=5,
-        ).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit, dirty = _git_state()
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     return {
         "python": platform.python_version(),
@@ -149,7 +143,22 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": f"{device.type}: {dev}",
         "threads": torch.get_num_threads(),
         "git_commit": commit,
+        "git_dirty": dirty,  # True: the code that ran had uncommitted changes on top of git_commit
     }
+
+
+def _git_state() -> tuple[str | None, bool | None]:
+    """HEAD commit of the checkout holding this code and whether tracked files differ from it."""
+    here = Path(__file__).resolve().parent
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+
+        commit = git("rev-parse", "HEAD") or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, dirty
 
 
 class ModelCache:

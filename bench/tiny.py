@@ -3,7 +3,7 @@
 The model is a plain `GPT2LMHeadModel` (Conv1D layers, so editors exercise GPT-2's weight
 layout) with a word-level tokenizer over the world's vocabulary (one token per word; words
 outside it map to `[UNK]`, which is what the zsRE path sees). It is trained on every fact in
-every template until its answer-token accuracy on the whole corpus reaches `target_acc`, then
+every template for the whole cosine schedule (`max_epochs`; `target_acc` can stop it early), then
 scored with `bench.metrics.score_lm`. Weights (safetensors), tokenizer and a JSON sidecar live in
 `<results>/models/tiny-gpt2-<hash>/`, where the hash covers the world, model and training
 configs; a second load reuses them. Training uses a fixed seed of its own (not the run seed), so
@@ -36,6 +36,7 @@ from torch import nn
 
 from bench.models import EditableModel, LoadContext
 from bench.progress import open_progress
+from bench.threads import torch_threads
 from tasks.synthetic import SyntheticConfig, World, build_world
 
 SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
@@ -61,10 +62,15 @@ class TinyTrainConfig:
     lr: float = 1.5e-3
     weight_decay: float = 0.01
     batch_size: int = 32  # measured: 32 reaches 99% in 9 epochs, 64 in 14, 128 in > 20 (CPU s/epoch similar)
-    max_epochs: int = 16  # length of the cosine schedule; training stops earlier at `target_acc`
+    max_epochs: int = 16  # length of the cosine schedule; training stops earlier only at `target_acc`
     warmup_steps: int = 100
     answer_weight: float = 4.0
-    target_acc: float = 0.99  # stop once an epoch's running answer-token accuracy reaches this
+    # Stop once an epoch's running answer-token accuracy reaches this; None trains the whole schedule.
+    # Measured on the default world: stopping at 0.99 (8 epochs) left the rare facts barely known (a
+    # capital, seen in 4 sentences, had a median first-token margin of 4.2 nats, 10th percentile 2.1;
+    # mean NLL 0.15), so any edit knocked some of them off (MEMIT m = 64: 28 of 128 capitals). The
+    # full 16 epochs give 8.7 / 8.0 nats (NLL 0.002): a model that knows its facts, as the probes assume.
+    target_acc: float | None = None
 
 
 @dataclass(frozen=True)
@@ -134,17 +140,11 @@ def _length_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator
     return [batches[i] for i in order]
 
 
-@contextmanager
 def _one_thread():
-    """Run on one intra-op thread, restoring the caller's setting: the matrices are too small to gain
-    from threads, oversubscribed shared cores make OpenMP spin (10x slower measured at load 14 on 2
-    cores), and a fixed thread count keeps the weights identical across machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    """One intra-op thread: the matrices are too small to gain from threads, oversubscribed shared
+    cores make OpenMP spin (10x slower measured at load 14 on 2 cores), and a fixed thread count
+    keeps the weights identical across machines."""
+    return torch_threads(1)
 
 
 def train_tiny(spec: TinySpec, progress: Any = None, log: Any = None) -> tuple[EditableModel, dict[str, Any]]:
@@ -211,7 +211,7 @@ def _train(spec: TinySpec, progress: Any, log: Any) -> tuple[EditableModel, dict
             if log is not None:
                 log(f"epoch {epochs} loss {loss.item():.3f} answer acc {epoch_acc:.4f} "
                     f"{time.perf_counter() - t0:.1f}s wall {time.process_time() - c0:.1f}s cpu")
-            if epoch_acc >= tc.target_acc:
+            if tc.target_acc is not None and epoch_acc >= tc.target_acc:
                 break
     model.eval()
     train_s = time.perf_counter() - t0

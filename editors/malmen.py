@@ -62,6 +62,10 @@ class MalmenHParams:
     val_every: int = 100
     n_val: int = 256  # held-out training requests for validation
     patience: int = 0  # early stop after this many validations without gain; 0 = never
+    # intra-op threads while meta-training; 0 keeps torch's setting. A fixed count makes the checkpoint
+    # the same on every machine (float reductions split differently across threads, and on tiny-gpt2
+    # 1 vs 2 threads gave checkpoints whose m = 64 ES differed by 0.08).
+    meta_threads: int = 0
     micro_batch: int = 16  # prompts per LM forward
     chunk: int = 1024  # cached tuples per hyper-network forward
 
@@ -83,7 +87,7 @@ class MalmenHParams:
     def train_config(self) -> TrainConfig:
         return TrainConfig(steps=self.steps, train_edits=self.train_edits, val_every=self.val_every,
                            n_val=self.n_val, patience=self.patience, meta_lr=self.meta_lr,
-                           max_grad_norm=self.max_grad_norm, meta_grad=self.meta_grad)
+                           max_grad_norm=self.max_grad_norm, meta_grad=self.meta_grad, threads=self.meta_threads)
 
 
 @register_editor("malmen")

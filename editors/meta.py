@@ -31,6 +31,7 @@ from torch import Tensor
 from bench.metrics import evaluate, relative_residual
 from bench.models import EditableModel
 from bench.progress import open_progress
+from bench.threads import torch_threads
 from editors.base import Edit
 from editors.caching import Tuples, cache_tuples, full_precision, shifted
 from editors.hypernet import HyperNet
@@ -318,20 +319,29 @@ class TrainConfig:
     meta_lr: float = 1e-5
     max_grad_norm: float = 1.0
     meta_grad: str = "two_stage"
+    threads: int = 0  # intra-op threads while training (0: leave torch's setting)
 
 
-def validate(em: EditableModel, net: HyperNet, modules: Sequence[str], requests: Sequence[EditRequest],
+def validate(em: EditableModel, net: HyperNet, modules: Sequence[str], batches: Sequence[Sequence[EditRequest]],
              opt: Options, pre: dict[str, float]) -> dict[str, float]:
-    """ES / GS / LS after editing `requests` at once with the current g_θ; score = their mean."""
+    """ES / GS / LS with the current g_θ, each batch edited at once and scored; score = their mean.
+
+    Metrics are request-weighted means over the batches (all of the held-out pool, not one batch)."""
     net.eval()
-    edit = compute_edit(em, net, modules, ([r.prompt for r in requests], [r.target for r in requests]), opt)
-    with edit.applied(em.model):
-        post = evaluate(em, requests).metrics
-    out = {k: post[k] for k in ("es", "gs", "ls")}
-    out = {k: (v if v == v else 0.0) for k, v in out.items()}  # a task without rephrases has GS = NaN
+    sums = {"es": 0.0, "gs": 0.0, "ls": 0.0, "mean_residual": 0.0}
+    n = 0
+    for requests in batches:
+        edit = compute_edit(em, net, modules, ([r.prompt for r in requests], [r.target for r in requests]), opt)
+        with edit.applied(em.model):
+            post = evaluate(em, requests).metrics
+        post = {k: (post[k] if post[k] == post[k] else 0.0) for k in ("es", "gs", "ls")}  # no rephrases: NaN
+        post["mean_residual"] = edit.mean_residual or 0.0
+        for k in sums:
+            sums[k] += post[k] * len(requests)
+        n += len(requests)
+    out = {k: v / n for k, v in sums.items()}
     out["score"] = (out["es"] + out["gs"] + out["ls"]) / 3
     out["pre_es"], out["pre_ls"] = pre["es"], pre["ls"]
-    out["mean_residual"] = edit.mean_residual or 0.0
     return out
 
 
@@ -340,9 +350,17 @@ def meta_train(em: EditableModel, net: HyperNet, modules: Sequence[str], train: 
                log: Any = print) -> dict[str, Any]:
     """Meta-train g_θ with Adam and gradient clipping; validate every `val_every` steps; keep the best.
 
-    The first `n_val` requests of a seeded shuffle of `train` are held out for validation.
+    The first `n_val` requests of a seeded shuffle of `train` are held out for validation, edited in
+    batches of the training step's size (a remainder smaller than that is left out, so every
+    validation edit has the size the editor is trained for).
     Returns a summary (history, best step and its validation metrics) for the checkpoint sidecar.
     """
+    with torch_threads(cfg.threads):
+        return _meta_train(em, net, modules, train, opt, cfg, seed, progress, log)
+
+
+def _meta_train(em: EditableModel, net: HyperNet, modules: Sequence[str], train: Sequence[EditRequest],
+                opt: Options, cfg: TrainConfig, seed: int, progress: Any, log: Any) -> dict[str, Any]:
     rng = random.Random(seed)
     pool = list(train)
     rng.shuffle(pool)
@@ -351,7 +369,9 @@ def meta_train(em: EditableModel, net: HyperNet, modules: Sequence[str], train: 
     m = min(cfg.train_edits, len(trn))
     if m < cfg.train_edits:
         log(f"[meta] only {len(trn)} training requests: {m} edits per step instead of {cfg.train_edits}")
-    val_req = val[: max(1, min(m, n_val))] if val else []
+    size = max(1, min(m, n_val))
+    val_batches = [val[i:i + size] for i in range(0, len(val) - size + 1, size)]
+    val_req = [r for b in val_batches for r in b]
     pre = evaluate(em, val_req).metrics if val_req else {}
     adam = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
     order: list[int] = []
@@ -359,7 +379,7 @@ def meta_train(em: EditableModel, net: HyperNet, modules: Sequence[str], train: 
     best: dict[str, Any] = {"step": 0, "state": _state_copy(net), "val": None}
     bad = 0
     if val_req:
-        best["val"] = validate(em, net, modules, val_req, opt, pre)
+        best["val"] = validate(em, net, modules, val_batches, opt, pre)
         history.append({"step": 0, **best["val"]})
     with open_progress(progress) as bar:
         task = bar.add_task("meta-train", total=cfg.steps, status="")
@@ -380,7 +400,7 @@ def meta_train(em: EditableModel, net: HyperNet, modules: Sequence[str], train: 
             rec = {"step": step, "loss": res.loss, "gen": res.gen, "loc": res.loc, "grad_norm": gnorm}
             bar.update(task, advance=1, status=f"loss {res.loss:.3f} (gen {res.gen:.3f} loc {res.loc:.3f})")
             if val_req and (step % cfg.val_every == 0 or step == cfg.steps):
-                v = validate(em, net, modules, val_req, opt, pre)
+                v = validate(em, net, modules, val_batches, opt, pre)
                 rec.update({f"val_{k}": x for k, x in v.items()})
                 if v["score"] > best["val"]["score"]:
                     best = {"step": step, "state": _state_copy(net), "val": v}

@@ -16,15 +16,23 @@ Entities are of two kinds:
 Why two kinds of probe: MALMEN's LS is defined on unrelated questions, and with four relations a
 batch of 64 edits touches every relation, so every neighbour probe shares a relation and its answer
 vocabulary with some edit. The neighbour score is kept as the harder, CounterFact-style measure.
-Both modes probe facts that no batch ever edits. (On tiny-gpt2 at m = 64 both kinds of probe are
-moved by the edits: its keys span a few dozen directions; `bench keys`, README "Key geometry".)
+Both modes probe facts that no batch ever edits.
+
+Why 128 values per person relation (`n_values`; the 16 listed words plus 112 made-up ones): with
+16 values, 40 people share each answer and a model needs to carry only "which of 16" to the last
+prompt token, so the keys the editors write to name the answer, not the person: editing one
+person's city moved every person who lived there (measured on tiny-gpt2, MEMIT m = 64: 127 of 129
+broken neighbour facts flipped to an edit's target; both models trained the full schedule). zsRE's
+answers are nearly all distinct; with 128 values about 5 people share an answer, and the same MEMIT
+edit breaks 21 of 512 neighbour facts (README, "tiny-gpt2"). `n_values=16` gives the previous
+world's facts (and its world key).
 
 An edit request takes template 0 of a fact as the edit prompt, the other templates as
 rephrases, a counterfactual value (deterministic, whose first word differs from the true
 value's, so that the true value does not already score the first answer token) as the target,
 and a probe fact (template 0) with its true value as the locality prompt.
-Some values are two words long and share their first word in pairs ("New York", "New Delhi"),
-so multi-token answers are exercised and the second word is not implied by the first.
+Four listed values per relation are two words long and share their first word in pairs ("New York",
+"New Delhi"), so multi-token answers are exercised and the second word is not implied by the first.
 """
 
 from __future__ import annotations
@@ -113,11 +121,14 @@ class SyntheticConfig(TaskConfig):
     n_locality_entities: int = 128  # never-edited people whose facts are the neighbour probes
     train_fraction: float = 0.5  # share of edit facts in the train split (0.5 -> 1024 eval facts)
     n_countries: int = 128  # never-edited countries whose facts are the unrelated probes
+    n_values: int = 128  # answers per person relation: the 16 listed values plus made-up words (module docstring)
     locality: str = "unrelated"  # probes: "unrelated" (countries) or "neighbours" (locality people)
 
     def __post_init__(self) -> None:
         if self.locality not in LOCALITY_MODES:
             raise ValueError(f"locality must be one of {LOCALITY_MODES}, got {self.locality!r}")
+        if self.n_values < 16:
+            raise ValueError(f"n_values must be >= 16 (the listed values), got {self.n_values}")
         if self.locality == "unrelated" and self.n_countries < 2:
             raise ValueError("locality=unrelated needs n_countries >= 2 (the probes are the countries' facts)")
 
@@ -125,7 +136,7 @@ class SyntheticConfig(TaskConfig):
         """The fields that define the world (what a model trained on it depends on; not `locality`)."""
         return {"world_seed": self.world_seed, "n_entities": self.n_entities,
                 "n_locality_entities": self.n_locality_entities, "train_fraction": self.train_fraction,
-                "n_countries": self.n_countries}
+                "n_countries": self.n_countries, **({"n_values": self.n_values} if self.n_values != 16 else {})}
 
 
 @dataclass(frozen=True)
@@ -224,8 +235,16 @@ def build_world(config: SyntheticConfig | None = None) -> World:
     templates = {**TEMPLATES, **UNRELATED_TEMPLATES}
     vocab = {w for ts in templates.values() for t in ts for w in t.split()}
     vocab |= {w for vs in VALUES.values() for v in vs for w in v.split()} | {w for c in CONTINENTS for w in c.split()}
+    values = {r: list(v) for r, v in VALUES.items()}
+    if cfg.n_values > 16:
+        # own stream, so the default world (n_values = 16) draws exactly what it did before
+        vrng = random.Random(f"values:{cfg.world_seed}")
+        extra = _names(vrng, len(VALUES) * (cfg.n_values - 16), vocab)
+        for k, r in enumerate(VALUES):
+            values[r] += extra[k * (cfg.n_values - 16):(k + 1) * (cfg.n_values - 16)]
+        vocab |= set(extra)
     names = _names(rng, cfg.n_entities + cfg.n_locality_entities, vocab)
-    facts = [Fact(e, r, rng.choice(VALUES[r])) for e in names for r in TEMPLATES]
+    facts = [Fact(e, r, rng.choice(values[r])) for e in names for r in TEMPLATES]
     n_edit = cfg.n_entities * len(TEMPLATES)
     train, ev = split_indices(n_edit, cfg.train_fraction, split_seed=cfg.world_seed + 1234)
     # Facts are grouped by entity, so edit facts come first; probe facts are shuffled once
@@ -237,11 +256,11 @@ def build_world(config: SyntheticConfig | None = None) -> World:
     countries = _names(rng, cfg.n_countries, vocab | set(names))
     capitals = _names(rng, cfg.n_countries, vocab | set(names) | set(countries))
     start = len(facts)
-    for c, cap in zip(countries, capitals):
+    for c, cap in zip(countries, capitals, strict=True):
         facts += [Fact(c, "capital", cap), Fact(c, "continent", rng.choice(CONTINENTS))]
     unrel = list(range(start, len(facts)))
     rng.shuffle(unrel)
-    values = {**{r: list(v) for r, v in VALUES.items()}, "capital": capitals, "continent": list(CONTINENTS)}
+    values = {**values, "capital": capitals, "continent": list(CONTINENTS)}
     return World(facts=facts, templates={r: list(t) for r, t in templates.items()}, values=values,
                  train_idx=train, eval_idx=ev, locality_idx=loc, unrelated_idx=unrel, seed=cfg.world_seed)
 

@@ -26,6 +26,7 @@ class SyntheticClsConfig(SyntheticConfig):
 
     n_entities: int = 24  # 96 edit facts: 48 meta-training and 48 evaluation requests
     n_locality_entities: int = 12
+    n_values: int = 16  # the listed values only: the classifier's world predates n_values and keeps its size
     n_countries: int = 0  # its locality claims are about the locality people (below), so no countries
     locality: str = "neighbours"
 

@@ -42,7 +42,8 @@ def test_ft_row_skip_and_force_determinism(ft_args, tmp_path):
     assert METRICS <= set(row["metrics"])
     assert set(row["times"]) == {"prepare_s", "edit_s", "eval_s"}
     assert row["status"] == "ok" and row["mean_residual"] is None
-    assert {"python", "torch", "transformers", "device", "git_commit"} <= set(row["env"])
+    assert {"python", "torch", "transformers", "device", "git_commit", "git_dirty"} <= set(row["env"])
+    assert isinstance(row["env"]["git_dirty"], bool)  # the test runs inside the repo checkout
     # hparams recorded after the per-model defaults file (editors/hparams/ft/tiny-gpt2.json)
     from editors.base import model_defaults
 

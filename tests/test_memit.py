@@ -218,12 +218,11 @@ def _memit(em, results, seed=0, **over):
 
 @pytest.mark.slow
 def test_memit_edits_tiny_gpt2_synthetic_64(tiny_gpt2, synthetic_task, results_cache):
-    """MEMIT writes 64 counterfactuals into tiny-gpt2.
+    """MEMIT writes 64 counterfactuals into tiny-gpt2 and leaves the unrelated facts alone (issue 5).
 
-    Issue 5 asks for ES >= 0.9 with LS within 0.05 of pre-LS; at m = 64 the keys of this 128-wide
-    model are saturated (README "Key geometry"), so the unrelated facts move too (measured ES 0.922,
-    LS 0.875 vs 1.000 on the default unrelated probes; 0.797 on the neighbour probes). This test
-    asserts what MEMIT does achieve here and bounds the locality loss; the LS criterion stays open.
+    Measured on tiny-gpt2 315c91febed2 (128 values per relation, trained the full schedule): ES 0.984,
+    GS 0.987, LS 0.953 vs pre-LS 1.000. On the earlier 16-value world the edits spilled onto every
+    subject sharing an answer (LS 0.875); README "tiny-gpt2".
     """
     reqs = synthetic_task.sample(64, 0)
     ed = _memit(tiny_gpt2, results_cache)
@@ -235,7 +234,7 @@ def test_memit_edits_tiny_gpt2_synthetic_64(tiny_gpt2, synthetic_task, results_c
     m = combine(pre, post)
     assert m["pre_es"] <= 0.2
     assert m["es"] >= 0.9, m
-    assert m["pre_ls"] - m["ls"] <= 0.2, m
+    assert m["pre_ls"] - m["ls"] <= 0.05, m
     assert edit.mean_residual is not None and edit.mean_residual < 1
     # a second editor reuses the statistics written by the first
     ed2 = _memit(tiny_gpt2, results_cache)

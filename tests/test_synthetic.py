@@ -41,6 +41,25 @@ def test_world_shape_names_and_templates():
     assert w.facts[0].entity in p and a == w.facts[0].value and f"{p} {a}" in w.corpus()
 
 
+def test_value_vocabularies_grow_with_n_values_and_16_keeps_the_listed_world():
+    from tasks.synthetic import VALUES
+
+    w = build_world()
+    people = [f for f in w.facts if f.relation in VALUES]
+    for r, listed in VALUES.items():
+        assert len(set(w.values[r])) == SyntheticConfig().n_values and w.values[r][:16] == listed
+        used = {f.value for f in people if f.relation == r}
+        assert len(used) > 100  # answers are spread: about 5 people per value, not 40
+    made_up = {v for r in VALUES for v in w.values[r][16:]}
+    assert not made_up & {f.entity for f in w.facts}  # a value is never also a name
+    small = build_world(SyntheticConfig(n_values=16))
+    assert all(small.values[r] == VALUES[r] for r in VALUES)
+    assert {f.value for f in small.facts if f.relation in VALUES} <= {v for vs in VALUES.values() for v in vs}
+    assert "n_values" not in SyntheticConfig(n_values=16).world_key()  # the previous world keeps its key
+    with pytest.raises(ValueError, match="n_values"):
+        SyntheticConfig(n_values=8)
+
+
 def test_splits_are_disjoint_large_enough_and_deterministic(synthetic_task):
     w = synthetic_task.world
     assert not set(w.train_idx) & set(w.eval_idx)
