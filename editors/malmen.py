@@ -61,6 +61,7 @@ class MalmenHParams:
     steps: int = 1000  # meta-training steps
     val_every: int = 100
     n_val: int = 256  # held-out training requests for validation
+    val_batches: int = 0  # batches of train_edits validated each time (0: the whole held-out pool)
     patience: int = 0  # early stop after this many validations without gain; 0 = never
     # intra-op threads while meta-training; 0 keeps torch's setting. A fixed count makes the checkpoint
     # the same on every machine (float reductions split differently across threads, and on tiny-gpt2
@@ -87,7 +88,8 @@ class MalmenHParams:
     def train_config(self) -> TrainConfig:
         return TrainConfig(steps=self.steps, train_edits=self.train_edits, val_every=self.val_every,
                            n_val=self.n_val, patience=self.patience, meta_lr=self.meta_lr,
-                           max_grad_norm=self.max_grad_norm, meta_grad=self.meta_grad, threads=self.meta_threads)
+                           max_grad_norm=self.max_grad_norm, meta_grad=self.meta_grad, threads=self.meta_threads,
+                           val_batches=self.val_batches)
 
 
 @register_editor("malmen")

@@ -320,6 +320,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     meta_grad: str = "two_stage"
     threads: int = 0  # intra-op threads while training (0: leave torch's setting)
+    val_batches: int = 0  # validation batches taken from the held-out pool (0: every full batch)
 
 
 def validate(em: EditableModel, net: HyperNet, modules: Sequence[str], batches: Sequence[Sequence[EditRequest]],
@@ -371,6 +372,8 @@ def _meta_train(em: EditableModel, net: HyperNet, modules: Sequence[str], train:
         log(f"[meta] only {len(trn)} training requests: {m} edits per step instead of {cfg.train_edits}")
     size = max(1, min(m, n_val))
     val_batches = [val[i:i + size] for i in range(0, len(val) - size + 1, size)]
+    if cfg.val_batches:
+        val_batches = val_batches[:cfg.val_batches]
     val_req = [r for b in val_batches for r in b]
     pre = evaluate(em, val_req).metrics if val_req else {}
     adam = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
