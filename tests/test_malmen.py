@@ -124,3 +124,21 @@ def test_meta_training_on_tiny_gpt2_makes_an_editor_and_reuses_its_checkpoint(ti
     assert again.prepare_info()["reused"] is True
     for n, d in again.edit(test).deltas.items():
         assert torch.allclose(d, edit.deltas[n])
+
+
+@pytest.mark.parametrize("val_batches, expected", [(0, 16), (1, 8)])
+def test_validation_edits_every_full_batch_of_the_held_out_pool(tiny, tmp_path, val_batches, expected):
+    """n_val = 20 held out, 8 edits per step: two full validation batches (16 requests), or the first one."""
+    import json
+
+    from tasks.synthetic import SyntheticTask
+
+    hp = MalmenHParams(rank=8, train_edits=8, steps=1, val_every=1, n_val=20, val_batches=val_batches,
+                       meta_threads=1)
+    ctx = EditorContext(results_dir=tmp_path, seed=0, model_key=tiny.key, task_key="synthetic", log=lambda s: None)
+    ed = MalmenEditor(tiny, hp, ctx)
+    threads = torch.get_num_threads()
+    ed.prepare(SyntheticTask().train_split()[:200])
+    assert torch.get_num_threads() == threads  # meta_threads pins training only, then restores the setting
+    meta = json.loads((Path(ed.prepare_info()["checkpoint"]) / "meta.json").read_text())
+    assert meta["n_val_requests"] == expected
