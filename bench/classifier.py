@@ -45,7 +45,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from bench.models import EditableModel, LoadContext, ModelLoadError, arch_of
 from bench.progress import open_progress
-from bench.threads import torch_threads  # noqa: F401 - re-exported for callers
+from bench.threads import torch_threads
 
 LABELS: tuple[str, str] = ("SUPPORTS", "REFUTES")
 FORMAT = 1  # bump when the training code changes what a given config produces

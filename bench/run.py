@@ -150,10 +150,11 @@ def environment(device: torch.device) -> dict[str, Any]:
 def _git_state() -> tuple[str | None, bool | None]:
     """HEAD commit of the checkout holding this code and whether tracked files differ from it."""
     here = Path(__file__).resolve().parent
-    try:
-        def git(*args: str) -> str:
-            return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
 
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+
+    try:
         commit = git("rev-parse", "HEAD") or None
         dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
     except (OSError, subprocess.SubprocessError):

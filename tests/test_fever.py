@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench.classifier import MINILM_PIP, load_tiny_bert, minilm_dir, torch_threads
+from bench.classifier import MINILM_PIP, load_tiny_bert, minilm_dir
 from bench.metrics import combine, evaluate
 from bench.models import EditableModel, LoadContext, ModelLoadError
+from bench.threads import torch_threads
 from editors.base import EditorContext
 from tasks.base import DataError, EditRequest
 from tasks.fever import LABELS, FeverConfig, FeverTask, flip
