@@ -7,8 +7,8 @@ Entities are of two kinds:
 - *edit entities*: their facts are split, by fact, into a train split (meta-training) and an
   eval split (the benchmark's edits);
 - *locality entities*: people whose facts are never edited; with `locality=neighbours` they are the
-  probes (other people asked the same four relations, with the same 16-word answer vocabularies: the
-  neighbourhood probes of CounterFact, harder than MALMEN's);
+  probes (other people asked the same four relations, with the same answer vocabularies as the edit
+  targets: the neighbourhood probes of CounterFact, harder than MALMEN's);
 - *countries*: made-up countries with a capital and a continent, never edited; by default
   (`locality=unrelated`) their facts are the unrelated probes, as Natural Questions are for zsRE in
   MALMEN and MEND: other subjects, other relations, other answers.
@@ -103,6 +103,7 @@ UNRELATED_TEMPLATES: dict[str, list[str]] = {
 CONTINENTS = ["Europe", "Asia", "Africa", "Oceania", "North America", "South America", "Central America",
               "Antarctica"]
 LOCALITY_MODES = ("unrelated", "neighbours")
+N_LISTED = min(map(len, VALUES.values()))  # 16 listed values per person relation; `n_values` beyond are made up
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr", "st", "th"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
@@ -127,8 +128,8 @@ class SyntheticConfig(TaskConfig):
     def __post_init__(self) -> None:
         if self.locality not in LOCALITY_MODES:
             raise ValueError(f"locality must be one of {LOCALITY_MODES}, got {self.locality!r}")
-        if self.n_values < 16:
-            raise ValueError(f"n_values must be >= 16 (the listed values), got {self.n_values}")
+        if self.n_values < N_LISTED:
+            raise ValueError(f"n_values must be >= {N_LISTED} (the listed values), got {self.n_values}")
         if self.locality == "unrelated" and self.n_countries < 2:
             raise ValueError("locality=unrelated needs n_countries >= 2 (the probes are the countries' facts)")
 
@@ -136,7 +137,7 @@ class SyntheticConfig(TaskConfig):
         """The fields that define the world (what a model trained on it depends on; not `locality`)."""
         return {"world_seed": self.world_seed, "n_entities": self.n_entities,
                 "n_locality_entities": self.n_locality_entities, "train_fraction": self.train_fraction,
-                "n_countries": self.n_countries, **({"n_values": self.n_values} if self.n_values != 16 else {})}
+                "n_countries": self.n_countries, **({"n_values": self.n_values} if self.n_values != N_LISTED else {})}
 
 
 @dataclass(frozen=True)
@@ -236,12 +237,12 @@ def build_world(config: SyntheticConfig | None = None) -> World:
     vocab = {w for ts in templates.values() for t in ts for w in t.split()}
     vocab |= {w for vs in VALUES.values() for v in vs for w in v.split()} | {w for c in CONTINENTS for w in c.split()}
     values = {r: list(v) for r, v in VALUES.items()}
-    if cfg.n_values > 16:
-        # own stream, so the default world (n_values = 16) draws exactly what it did before
-        vrng = random.Random(f"values:{cfg.world_seed}")
-        extra = _names(vrng, len(VALUES) * (cfg.n_values - 16), vocab)
+    n_extra = cfg.n_values - N_LISTED
+    if n_extra:
+        # own stream, so the listed-only world (n_values = 16) draws exactly what it did before
+        extra = _names(random.Random(f"values:{cfg.world_seed}"), len(VALUES) * n_extra, vocab)
         for k, r in enumerate(VALUES):
-            values[r] += extra[k * (cfg.n_values - 16):(k + 1) * (cfg.n_values - 16)]
+            values[r] += extra[k * n_extra:(k + 1) * n_extra]
         vocab |= set(extra)
     names = _names(rng, cfg.n_entities + cfg.n_locality_entities, vocab)
     facts = [Fact(e, r, rng.choice(values[r])) for e in names for r in TEMPLATES]
