@@ -127,10 +127,12 @@ def main() -> None:  # pragma: no cover
 
 # sweep and check live in their own modules; report's pandas/matplotlib load only when it runs.
 from bench.check import check as _check  # noqa: E402
+from bench.derive import derive_cmd as _derive  # noqa: E402
 from bench.sweep import sweep as _sweep  # noqa: E402
 
 app.command("sweep")(_sweep)
 app.command("check")(_check)
+app.command("derive")(_derive)
 
 
 @app.command()

@@ -22,6 +22,7 @@ import torch
 import editors
 import tasks
 from bench.config import RunConfig, stable_hash
+from bench.machine import cpu_env, cpu_model
 from bench.measure import measure
 from bench.metrics import combine, evaluate
 from bench.models import EditableModel, LoadContext, ModelLoadError, load_model
@@ -135,13 +136,14 @@ def environment(device: torch.device) -> dict[str, Any]:
     import transformers
 
     commit, dirty = _git_state()
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": f"{device.type}: {dev}",
         "threads": torch.get_num_threads(),
+        "cpu": cpu_env(),  # model, instruction sets, dispatched kernels, math libraries, pinning variables
         "git_commit": commit,
         "git_dirty": dirty,  # True: the code that ran had uncommitted changes on top of git_commit
     }

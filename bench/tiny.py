@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.machine import cpu_env
 from bench.models import EditableModel, LoadContext
 from bench.progress import open_progress
 from bench.threads import torch_threads
@@ -224,6 +225,7 @@ def _train(spec: TinySpec, progress: Any, log: Any) -> tuple[EditableModel, dict
         "train_s": round(train_s, 2), "train_cpu_s": round(time.process_time() - c0, 2),
         "n_params": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tok), "torch_threads": torch.get_num_threads(),
+        "machine": cpu_env(),  # the kernels that produced these weights (bench/machine.py)
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__},
     }

@@ -11,7 +11,7 @@ Causal LMs only. One batch edit of m requests:
    residual stream at the output of the *last* edited block, at the subject's last token, in every
    context-prefixed prompt and in the KL prompt `kl_template` ("{subject} is a"). Adam
    (`v_lr`) minimises the mean over prefixes of the target answer's NLL (per-token mean), plus
-   `kl_factor` · KL(original ‖ edited) of the next-token distribution at the subject in the KL
+   `kl_factor` · KL(edited ‖ original) of the next-token distribution at the subject in the KL
    prompt (keeps the subject's "essence"), plus `v_weight_decay` · ||δ|| / ||h||². After each step
    ||δ|| is clamped to `clamp_norm_factor` · ||h|| (h = the original hidden state at that position).
    As in the MEMIT code: at most `v_num_grad_steps` forward passes (one fewer optimiser step), and a
@@ -92,6 +92,14 @@ class MEMITHparams:
     kl_template: str = "{} is a"
     batch_size: int = 64  # sequences per forward when reading keys / hidden states
     v_batch_requests: int = 16  # requests whose δ are optimised together
+
+
+def kl_edited_from_original(logp_edited: Tensor, logp_original: Tensor) -> Tensor:
+    """Per row KL(edited ‖ original) = Σ p_edited (log p_edited − log p_original), from log-probabilities.
+
+    The direction of the MEMIT code's `kl_div(init, current, log_target=True)` and of ROME's Eq. 4: the
+    expectation is under the edited distribution."""
+    return (logp_edited.exp() * (logp_edited - logp_original)).sum(-1)
 
 
 class _Stop(Exception):
@@ -366,7 +374,7 @@ class MEMIT(Editor):
                     kl_logp = torch.log_softmax(head(hid[kl_rows, pos[kl_rows]]).float(), -1)
                     if kl_init is None:
                         kl_init = kl_logp.detach()
-                    kl_row = (kl_init.exp() * (kl_init - kl_logp)).sum(-1)
+                    kl_row = kl_edited_from_original(kl_logp, kl_init)
                     kl = kl.index_add(0, kl_own, kl_row)
                 h0n = state["h0"].norm(dim=-1)
                 wd = hp.v_weight_decay * delta.norm(dim=-1) / h0n**2

@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.machine import pin_numeric_env
+
+# Before anything imports torch: the tests run the same kernels as CI on any machine (bench/machine.py).
+pin_numeric_env()
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
 

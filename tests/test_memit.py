@@ -252,3 +252,21 @@ def test_memit_runs_on_real_tasks_with_tiny_gpt2(tiny_gpt2, results_cache, task_
     edit = ed.edit(reqs)
     edit.check_finite()
     assert edit.deltas and edit.mean_residual is not None
+
+
+def test_kl_is_edited_from_original_as_in_the_memit_code():
+    """KL(edited ‖ original) for p_original = (0.5, 0.5), p_edited = (0.9, 0.1), by hand; the other
+    direction, KL(original ‖ edited), is a different number (0.3681 vs 0.5108)."""
+    import math
+
+    from editors.memit import kl_edited_from_original
+
+    orig = torch.tensor([[0.5, 0.5]]).log()
+    edited = torch.tensor([[0.9, 0.1]]).log()
+    want = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    other = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    got = float(kl_edited_from_original(edited, orig))
+    assert abs(got - want) < 1e-6 and abs(got - other) > 0.1
+    # torch's kl_div(input=original, target=edited, log_target=True), the call the MEMIT code makes
+    ref = torch.nn.functional.kl_div(orig, edited, log_target=True, reduction="sum")
+    assert abs(got - float(ref)) < 1e-6

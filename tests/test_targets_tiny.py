@@ -1,4 +1,5 @@
-"""Issue 4's end-to-end targets on tiny-gpt2 / synthetic at m = 64, through `bench run` as a user runs it.
+"""End-to-end targets on tiny-gpt2 / synthetic at m = 64, through `bench run` as a user runs it, and
+the regression gate (thresholds.toml) failing editors that are broken on purpose.
 
 The checkpoints land in the repo's model cache (`results/checkpoints`), so the CI smoke sweep that
 follows the tests reuses MALMEN's instead of meta-training it again.
@@ -6,15 +7,26 @@ follows the tests reuses MALMEN's instead of meta-training it again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from bench.check import Threshold, evaluate, load_thresholds
 from bench.cli import app
 
 REPO = Path(__file__).parents[1]
+
+
+def gate(editor: str, edits: int = 64) -> list[Threshold]:
+    """The default-variant thresholds of `editor` at `edits` in the committed thresholds.toml."""
+    ths, _ = load_thresholds(REPO / "thresholds.toml")
+    found = [t for t in ths if t.sel.editor == editor and t.sel.n_edits == edits and not t.sel.set]
+    assert found, f"thresholds.toml has no {editor} m={edits} entry"
+    return found
 
 
 def run_64(tmp_path: Path, *sets: str) -> dict:
@@ -43,3 +55,36 @@ def test_malmen_64_edits_generalise_and_stay_local_and_beat_the_sum_of_shifts(ti
     summed = run_64(tmp_path / "sum", "shift=sum")
     assert summed["config"]["hparams"]["shift"] == "sum"
     assert summed["mean_residual"] >= 10 * row["mean_residual"], (summed["mean_residual"], row["mean_residual"])
+    # MALMEN's gate holds for MALMEN and fails for the sum of shifts, measured under MALMEN's bounds.
+    th = gate("malmen")
+    as_malmen = {**summed, "config": row["config"], "editor": "malmen"}
+    assert all(o.passed for o in evaluate(th, [], [row])), evaluate(th, [], [row])
+    assert not all(o.passed for o in evaluate(th, [], [as_malmen]))
+
+
+def zeroed(edit_fn):
+    """An editor's `edit` whose every delta is replaced by zeros: it runs, and changes nothing."""
+    def edit(self, requests):
+        e = edit_fn(self, requests)
+        return dataclasses.replace(e, deltas={k: torch.zeros_like(v) for k, v in e.deltas.items()})
+    return edit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("editor", ["ft", "memit", "malmen"])
+def test_the_gate_fails_an_editor_whose_deltas_are_zero(editor, tiny_gpt2, tmp_path, monkeypatch):
+    """Each gated cell at m = 64 fails thresholds.toml when the editor's deltas are zeroed, and passes
+    for the real editor measured in the same way (MALMEN reuses the checkpoint of the test above)."""
+    import editors
+    from bench.config import RunConfig
+    from bench.run import execute
+
+    cfg = RunConfig(editor=editor, model="tiny-gpt2", task="synthetic", n_edits=64, seed=0, device="cpu")
+    real, _ = execute(cfg, tmp_path / "real", cache_dir=REPO / "results", log=lambda *_: None)
+    monkeypatch.setattr(editors.EDITORS[editor], "edit", zeroed(editors.EDITORS[editor].edit))
+    broken, _ = execute(cfg, tmp_path / "broken", cache_dir=REPO / "results", log=lambda *_: None)
+    assert broken["metrics"]["es"] == broken["metrics"]["pre_es"]  # the broken editor really changed nothing
+    th = gate(editor)
+    assert all(o.passed for o in evaluate(th, [], [real])), [o for o in evaluate(th, [], [real]) if not o.passed]
+    failed = [o.quantity for o in evaluate(th, [], [broken]) if not o.passed]
+    assert "es" in failed and "gs" in failed, failed

@@ -1,0 +1,149 @@
+"""`bench derive`: regression thresholds computed from a measurement campaign, never typed in.
+
+A campaign (`.ci/gate-campaign`) runs the CI smoke cells over several seeds and thread counts, with
+the tiny models retrained in a fresh cache. For every cell (task, model, editor, m; default
+variant) and every success metric the campaign gives values v_1..v_k over n = m probes each:
+
+    sigma = max(sd(v), sqrt(mean(v) * (1 - mean(v)) / n), 1 / n)
+    bound = max(0, floor_to_0.01(min(min(v), mean(v) - K * sigma)))          (K = 3)
+
+The spread of seeds stands in for what varies between machines: a last-bit difference in one
+kernel, amplified over hundreds of optimiser steps, gives another trajectory, as another seed does.
+The binomial and one-probe floors keep a cell whose runs happened to agree from getting a bound no
+other machine could meet. A success bound must stay above the pre-edit value by K * sigma, so an
+editor that changes nothing fails it (the derivation refuses otherwise). Residual bounds are
+`RESIDUAL_FACTOR` x the largest measured residual (MALMEN's sum-of-shifts ablation leaves ~100x more).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bench.store import ResultStore
+from bench.variants import matches_set
+
+K = 3.0
+RESIDUAL_FACTOR = 4.0
+SUCCESS = ("es", "gs", "ls")
+# Editors whose mean residual is meaningful (an exact or near-exact least-squares solve).
+RESIDUAL_EDITORS = ("malmen", "memit")
+
+
+@dataclass
+class CellBound:
+    """The derived bounds of one cell, with the measurements behind them."""
+
+    task: str
+    model: str
+    editor: str
+    n_edits: int
+    mins: dict[str, float]
+    maxs: dict[str, float]
+    notes: list[str]
+
+
+def _floor2(x: float) -> float:
+    return math.floor(x * 100 + 1e-9) / 100
+
+
+def _ceil_sig(x: float, digits: int = 2) -> float:
+    """Round up to `digits` significant digits."""
+    if x <= 0:
+        return 0.0
+    p = 10 ** (math.floor(math.log10(x)) - digits + 1)
+    return math.ceil(x / p - 1e-9) * p
+
+
+def success_bound(values: list[float], n: int) -> tuple[float, float]:
+    """(bound, sigma) for a success metric measured `values` over n probes each (module docstring)."""
+    mu = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    sigma = max(sd, math.sqrt(max(mu * (1 - mu), 0.0) / n), 1 / n)
+    return max(0.0, _floor2(min(min(values), mu - K * sigma))), sigma
+
+
+def group_rows(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str, int], list[dict[str, Any]]]:
+    """ok rows of the default variant, grouped by (task, model, editor, m)."""
+    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("status") != "ok" or not matches_set(r["config"], {}):  # default variants only
+            continue
+        groups[(r["task"], r["model"], r["editor"], r["n_edits"])].append(r)
+    return dict(sorted(groups.items()))
+
+
+def derive(rows: Iterable[dict[str, Any]], min_runs: int = 3) -> list[CellBound]:
+    """Bounds for every cell with at least `min_runs` runs; ValueError if a bound could not catch a no-op."""
+    out = []
+    for (task, model, editor, m), rs in group_rows(rows).items():
+        if len(rs) < min_runs:
+            continue
+        mins: dict[str, float] = {}
+        maxs: dict[str, float] = {}
+        seeds = sorted({r["seed"] for r in rs})
+        threads = sorted({r["env"].get("threads") for r in rs})
+        notes = [f"{len(rs)} runs: seeds {seeds}, threads {threads}"]
+        for q in SUCCESS:
+            vals = [float(r["metrics"][q]) for r in rs]
+            pre = max(float(r["metrics"][f"pre_{q}"]) for r in rs)
+            bound, sigma = success_bound(vals, m)
+            if q != "ls" and bound <= pre + K * sigma:
+                raise ValueError(f"{editor} m={m} {q}: bound {bound:.2f} is not above the pre-edit value {pre:.3f} "
+                                 f"by {K:g} sigma ({sigma:.3f}); an editor that does nothing would pass")
+            mins[q] = bound
+            notes.append(f"{q}: min {min(vals):.3f} mean {statistics.fmean(vals):.3f} sigma {sigma:.3f} "
+                         f"(pre <= {pre:.3f}) -> >= {bound:.2f}")
+        if editor in RESIDUAL_EDITORS:
+            res = [float(r["mean_residual"]) for r in rs if r.get("mean_residual") is not None]
+            if res:
+                maxs["mean_residual"] = _ceil_sig(RESIDUAL_FACTOR * max(res))
+                notes.append(f"mean_residual: max {max(res):.4g} -> <= {maxs['mean_residual']:.4g}")
+        out.append(CellBound(task, model, editor, m, mins, maxs, notes))
+    return out
+
+
+def _table(d: dict[str, float]) -> str:
+    return "{ " + ", ".join(f"{k} = {v:.4g}" for k, v in d.items()) + " }"
+
+
+def to_toml(cells: list[CellBound], header: str = "") -> str:
+    """The [[threshold]] entries of `cells` as TOML, each with its measurements as comments."""
+    lines = [header.rstrip(), "schema = 1", ""] if header else ["schema = 1", ""]
+    for c in cells:
+        lines += [f"# {n}" for n in c.notes]
+        lines += ["[[threshold]]", f'task = "{c.task}"', f'model = "{c.model}"', f'editor = "{c.editor}"',
+                  f"edits = {c.n_edits}", f"min = {_table(c.mins)}"]
+        if c.maxs:
+            lines.append(f"max = {_table(c.maxs)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def derive_cmd(
+    results: Annotated[list[Path], typer.Option(help="campaign store folder(s); repeat for several")],
+    out: Annotated[Path | None, typer.Option(help="write the [[threshold]] entries here (default: stdout)")] = None,
+    min_runs: Annotated[int, typer.Option(help="cells with fewer runs are left out")] = 3,
+) -> None:
+    """Derive regression thresholds from a measurement campaign (rule in bench/derive.py)."""
+    from bench.cli import fail
+
+    rows = [r for d in results for r in ResultStore(d).rows()]
+    try:
+        cells = derive(rows, min_runs)
+    except ValueError as e:
+        fail(str(e), 1)
+    if not cells:
+        fail(f"no cell has {min_runs} or more ok runs in {', '.join(map(str, results))}", 1)
+    text = to_toml(cells)
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text, encoding="utf-8")
