@@ -35,6 +35,11 @@ RESIDUAL_FACTOR = 4.0
 SUCCESS = ("es", "gs", "ls")
 # Editors whose mean residual is meaningful (an exact or near-exact least-squares solve).
 RESIDUAL_EDITORS = ("malmen", "memit")
+# Time ratios measured side by side (same seed and thread count): (editor, quantity, m_num, m_den).
+# Fine-tuning's steps grow linearly with m; the bound catches a super-linear regression. Bound:
+# RATIO_FACTOR x the largest measured ratio (timings on a shared 2-core machine are noisy).
+RATIOS = (("ft", "edit_s", 128, 32),)
+RATIO_FACTOR = 2.0
 
 
 @dataclass
@@ -110,13 +115,50 @@ def derive(rows: Iterable[dict[str, Any]], min_runs: int = 3) -> list[CellBound]
     return out
 
 
+@dataclass
+class RatioBound:
+    """A derived [[ratio]] entry: quantity(m_num) / quantity(m_den) of one editor <= limit."""
+
+    task: str
+    model: str
+    editor: str
+    quantity: str
+    m_num: int
+    m_den: int
+    limit: float
+    note: str
+
+
+def derive_ratios(rows: Iterable[dict[str, Any]], min_runs: int = 3) -> list[RatioBound]:
+    """RATIOS entries with at least `min_runs` side-by-side pairs in the campaign."""
+    groups = group_rows(rows)
+    out = []
+    for editor, q, m_num, m_den in RATIOS:
+        for (task, model, ed, m), num_rows in groups.items():
+            if ed != editor or m != m_num:
+                continue
+            den = {(r["seed"], r["env"].get("threads")): r for r in groups.get((task, model, ed, m_den), [])}
+            ratios = [float(r["times"][q]) / float(d["times"][q]) for r in num_rows
+                      if (d := den.get((r["seed"], r["env"].get("threads")))) and float(d["times"][q]) > 0]
+            if len(ratios) >= min_runs:
+                limit = math.ceil(RATIO_FACTOR * max(ratios) * 2) / 2
+                out.append(RatioBound(task, model, editor, q, m_num, m_den, limit,
+                                      f"{len(ratios)} pairs: ratio min {min(ratios):.2f} max {max(ratios):.2f} "
+                                      f"-> <= {limit:g}"))
+    return out
+
+
 def _table(d: dict[str, float]) -> str:
     return "{ " + ", ".join(f"{k} = {v:.4g}" for k, v in d.items()) + " }"
 
 
-def to_toml(cells: list[CellBound], header: str = "") -> str:
-    """The [[threshold]] entries of `cells` as TOML, each with its measurements as comments."""
+def to_toml(cells: list[CellBound], ratios: list[RatioBound] = (), header: str = "") -> str:
+    """The [[threshold]] and [[ratio]] entries as TOML, each with its measurements as comments."""
     lines = [header.rstrip(), "schema = 1", ""] if header else ["schema = 1", ""]
+    for r in ratios:
+        lines += [f"# {r.note}", "[[ratio]]", f'task = "{r.task}"', f'model = "{r.model}"',
+                  f'quantity = "{r.quantity}"', f'numerator = {{ editor = "{r.editor}", edits = {r.m_num} }}',
+                  f'denominator = {{ editor = "{r.editor}", edits = {r.m_den} }}', f"max = {r.limit:g}", ""]
     for c in cells:
         lines += [f"# {n}" for n in c.notes]
         lines += ["[[threshold]]", f'task = "{c.task}"', f'model = "{c.model}"', f'editor = "{c.editor}"',
@@ -129,8 +171,9 @@ def to_toml(cells: list[CellBound], header: str = "") -> str:
 
 def derive_cmd(
     results: Annotated[list[Path], typer.Option(help="campaign store folder(s); repeat for several")],
-    out: Annotated[Path | None, typer.Option(help="write the [[threshold]] entries here (default: stdout)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the thresholds file here (default: stdout)")] = None,
     min_runs: Annotated[int, typer.Option(help="cells with fewer runs are left out")] = 3,
+    header: Annotated[Path | None, typer.Option(help="text put first (the method, as TOML comments)")] = None,
 ) -> None:
     """Derive regression thresholds from a measurement campaign (rule in bench/derive.py)."""
     from bench.cli import fail
@@ -142,7 +185,7 @@ def derive_cmd(
         fail(str(e), 1)
     if not cells:
         fail(f"no cell has {min_runs} or more ok runs in {', '.join(map(str, results))}", 1)
-    text = to_toml(cells)
+    text = to_toml(cells, derive_ratios(rows, min_runs), header.read_text(encoding="utf-8") if header else "")
     if out is None:
         print(text)
     else:

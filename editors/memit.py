@@ -65,6 +65,7 @@ from bench.progress import open_progress
 from editors.base import Edit, Editor, UnsupportedTask, register_editor
 from editors.solvers import SolveStats, solve_spd
 from editors.stats import LayerStats, corpus_for, layer_second_moments
+from editors.zcache import PrefixCache
 from tasks.base import EditRequest
 
 
@@ -92,6 +93,9 @@ class MEMITHparams:
     kl_template: str = "{} is a"
     batch_size: int = 64  # sequences per forward when reading keys / hidden states
     v_batch_requests: int = 16  # requests whose δ are optimised together
+    # prefix: each Adam step runs only the positions δ can reach, the prefix's keys/values cached once
+    # (editors/zcache.py; exact up to float rounding); none: the whole batch every step (the reference)
+    z_cache: str = "prefix"
 
 
 def kl_edited_from_original(logp_edited: Tensor, logp_original: Tensor) -> Tensor:
@@ -344,14 +348,28 @@ class MEMIT(Editor):
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
         state: dict[str, Tensor] = {}
 
+        if hp.z_cache not in ("prefix", "none"):
+            raise ValueError(f"z_cache must be 'prefix' or 'none', got {hp.z_cache!r}")
+        base, head = em.model.base_model, em.model.get_output_embeddings()
+        prefix: PrefixCache | None = None
+        if hp.z_cache == "prefix":
+            # MEMIT's target_init (the original state, bare prompt = row 0 of each request), then the
+            # δ-independent prefix of every row, both once per chunk.
+            with torch.no_grad():
+                state["h0"] = self._capture(rows, [], [last_block])["out:" + last_block][:n_rw:n_ctx]
+                prefix = PrefixCache(base, b.input_ids, b.attention_mask, pos)
+
         def add_delta(_mod: torch.nn.Module, _args: Any, out: Any) -> Any:
             h = _first_output(out)
-            if "h0" not in state:  # MEMIT's target_init: the original state, bare prompt (row 0 of each request)
+            if "h0" not in state:
                 state["h0"] = h[ridx[:n_rw:n_ctx], pos[:n_rw:n_ctx]].detach().clone()
+            if prefix is not None and prefix.rows_now is not None:  # a step over one group's suffix
+                rows_now = prefix.rows_now
+                at = (torch.arange(rows_now.numel(), device=dev), pos[rows_now] - prefix.offset)
+                return _replace_output(out, h.index_put(at, delta[row_owner[rows_now]].to(h.dtype), accumulate=True))
             h = h.index_put((ridx, pos), delta[row_owner].to(h.dtype), accumulate=True)
             return _replace_output(out, h)
 
-        base, head = em.model.base_model, em.model.get_output_embeddings()
         params = list(em.model.parameters())
         flags = [p.requires_grad for p in params]
         for p in params:
@@ -363,7 +381,10 @@ class MEMIT(Editor):
         hook = em.module(last_block).register_forward_hook(add_delta)
         try:
             for it in range(hp.v_num_grad_steps):
-                hid = base(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+                if prefix is None:
+                    hid = base(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+                else:  # only live requests' rows, only the positions δ reaches
+                    hid = prefix.run((~done)[row_owner], d)
                 # Logits only where needed: answer positions of rewriting rows, subject token of KL rows.
                 logp = torch.log_softmax(head(hid[tok_r, tok_t]).float(), -1)
                 tok_nll = -logp.gather(1, tok_y[:, None]).squeeze(1)

@@ -1,0 +1,125 @@
+"""The δ-independent prefix of MEMIT's z optimisation, computed once per chunk.
+
+MEMIT adds δ to the residual stream at one token (the subject's last, position p of a row) at the
+output of one block. Causal attention means no token before p depends on δ, so the keys and values
+of positions < p, in every layer, are the same at every Adam step. `PrefixCache` computes them once
+(no grad) and each step runs the model only over positions >= p, attending to the cached prefix;
+rows whose request already stopped are left out of the step. Rows are grouped by p (at most
+`max_groups` groups, chosen by a small dynamic programme over the rows sorted by p, minimising the
+tokens run per step) because one cache holds one prefix length.
+
+Exact: the hidden states equal those of the full forward up to float rounding (a different batch
+shape sums in another order); tests/test_memit.py compares the resulting z with the full path.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+def _cache_kwarg(base: nn.Module) -> str:
+    """The name transformers gives the cache argument (renamed from past_key_values to cache in 5.x)."""
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _layers_kv(cache: object) -> list[tuple[Tensor, Tensor]]:
+    """Per layer (keys, values) of a transformers Cache (layers API) or a legacy tuple cache."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(k, v) for k, v in cache]  # legacy tuple of (k, v) per layer
+
+
+def group_by_split(split: Tensor, length: Tensor, max_groups: int) -> list[Tensor]:
+    """Rows sorted by split, cut into <= max_groups contiguous groups minimising Σ_g |g| · (max len − min split)."""
+    order = torch.argsort(split, stable=True)
+    s, ln = split[order].tolist(), length[order].tolist()
+    n = len(s)
+    inf = float("inf")
+    # cost(i, j): rows i..j-1 in one group; best[g][j]: the first j rows in g groups
+    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0.0
+    for g in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            longest = 0
+            for i in range(j - 1, -1, -1):  # extend the last group leftwards
+                longest = max(longest, ln[i])
+                c = best[g - 1][i] + (j - i) * (longest - s[i])
+                if c < best[g][j]:
+                    best[g][j], cut[g][j] = c, i
+    g = min(range(1, max_groups + 1), key=lambda k: best[k][n])
+    groups, j = [], n
+    while g > 0 and j > 0:
+        i = cut[g][j]
+        groups.append(order[i:j])
+        j, g = i, g - 1
+    return groups[::-1]
+
+
+@dataclass
+class _Group:
+    rows: Tensor  # global row indices, sorted by split
+    start: int  # first position run at each step (the group's smallest split)
+    end: int  # one past the group's longest row
+    kv: list[tuple[Tensor, Tensor]] | None  # per layer prefix keys/values (None when start == 0)
+
+
+class PrefixCache:
+    """Run a causal LM repeatedly over positions >= split[row] of a fixed batch, the prefix cached once."""
+
+    def __init__(self, base: nn.Module, input_ids: Tensor, attention_mask: Tensor, split: Tensor,
+                 max_groups: int = 4):
+        from transformers import DynamicCache
+
+        self.base, self.ids, self.attn = base, input_ids, attention_mask
+        self._kw = _cache_kwarg(base)
+        self._new_cache = DynamicCache
+        lengths = attention_mask.sum(-1)
+        self.groups: list[_Group] = []
+        with torch.no_grad():
+            for rows in group_by_split(split.cpu(), lengths.cpu(), max_groups):
+                rows = rows.to(input_ids.device)
+                start, end = int(split[rows].min()), int(lengths[rows].max())
+                kv = None
+                if start > 0:
+                    out = base(input_ids=input_ids[rows, :start], attention_mask=attention_mask[rows, :start],
+                               use_cache=True)
+                    cache = getattr(out, self._kw, None) or getattr(out, "past_key_values", None)
+                    kv = [(k.detach(), v.detach()) for k, v in _layers_kv(cache)]
+                self.groups.append(_Group(rows, start, end, kv))
+        self.current: _Group | None = None  # the group being run, for hooks (`offset`, `rows_now`)
+        self.rows_now: Tensor | None = None
+
+    @property
+    def offset(self) -> int:
+        """Position of the first token of the current forward within its rows."""
+        return 0 if self.current is None else self.current.start
+
+    def run(self, live_rows: Tensor, hidden_size: int) -> Tensor:
+        """Last hidden states (R, T, d): filled at positions >= each group's start for live rows, zero elsewhere."""
+        R, T = self.ids.shape
+        hid = None
+        for g in self.groups:
+            sel = g.rows[live_rows[g.rows]]
+            if sel.numel() == 0:
+                continue
+            self.current, self.rows_now = g, sel
+            keep = live_rows[g.rows]
+            kwargs = {}
+            if g.kv is not None:
+                kwargs[self._kw] = self._new_cache([(k[keep], v[keep]) for k, v in g.kv])
+            out = self.base(input_ids=self.ids[sel, g.start:g.end], attention_mask=self.attn[sel, :g.end],
+                            use_cache=g.kv is not None, **kwargs).last_hidden_state
+            if hid is None:
+                hid = out.new_zeros(R, T, hidden_size)
+            cols = torch.arange(g.start, g.end, device=out.device)
+            hid = hid.index_put((sel[:, None], cols[None, :]), out)
+        self.current, self.rows_now = None, None
+        if hid is None:
+            hid = torch.zeros(R, T, hidden_size, device=self.ids.device)
+        return hid
