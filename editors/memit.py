@@ -52,6 +52,7 @@ smollm2-135m chosen here, justified in their "_why").
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,13 +76,13 @@ class MEMITHparams:
 
     layers: list[int] | None = None  # edited blocks; None = GPT-J's 3..8 of 28 scaled to the model's depth
     fact_token: str = "subject_last"  # subject_last | last (the last prompt token; an option of MEMIT's code)
-    clamp_norm_factor: float = 0.75
+    clamp_norm_factor: float | None = None  # None: `model_rules` (0.75 as MEMIT's GPT-J; 4 on Llama, EasyEdit)
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
-    v_weight_decay: float = 0.5
+    v_weight_decay: float | None = None  # None: `model_rules` (0.5 as MEMIT's GPT-J; 1e-3 on Llama, EasyEdit)
     kl_factor: float = 0.0625
     v_loss_stop: float = 5e-2  # MEMIT's early stop of the z optimisation
-    mom2_update_weight: float = 15000.0
+    mom2_update_weight: float | None = None  # None: the width rule, `model_rules` (GPT-J: 15000)
     mom2_dataset: str = "auto"  # auto | synthetic | shipped | wikitext (online)
     mom2_n_samples: int = 100000  # texts (MEMIT: 100,000 Wikipedia samples); capped by the corpus size
     mom2_max_length: int = 128  # tokens per text for the statistics
@@ -108,6 +109,28 @@ def kl_edited_from_original(logp_edited: Tensor, logp_original: Tensor) -> Tenso
 
 class _Stop(Exception):
     """Raised by a hook once everything needed from a forward pass is captured."""
+
+
+# GPT-J's published w (kmeng01/memit hparams/MEMIT/EleutherAI_gpt-j-6B.json) at its edited layers'
+# input width. For keys distributed like the corpus E[kᵀ C⁻¹ k] = d_in, so the same w regularises
+# harder the narrower the layer; the rule keeps GPT-J's ratio w / d_in for models without a file.
+GPTJ_W, GPTJ_D_IN = 15000.0, 16384
+# z-optimisation settings by architecture for models without a file: MEMIT's GPT-J values, and
+# EasyEdit's for Llama-style models (zjunlp/EasyEdit hparams/MEMIT/llama-7b.yaml, llama3.2-1b.yaml:
+# clamp_norm_factor 4, v_weight_decay 1e-3).
+Z_RULES = {"llama": {"clamp_norm_factor": 4.0, "v_weight_decay": 1e-3}}
+Z_DEFAULT = {"clamp_norm_factor": 0.75, "v_weight_decay": 0.5}
+
+
+def model_rules(hp: MEMITHparams, arch: str, d_in: int) -> dict[str, float]:
+    """Values for the hparams left at None: the width rule for w, the architecture's z settings."""
+    out: dict[str, float] = {}
+    if hp.mom2_update_weight is None:
+        out["mom2_update_weight"] = GPTJ_W * d_in / GPTJ_D_IN
+    for k, v in Z_RULES.get(arch, Z_DEFAULT).items():
+        if getattr(hp, k) is None:
+            out[k] = v
+    return out
 
 
 def default_blocks(n_layers: int) -> list[int]:
@@ -177,6 +200,11 @@ class MEMIT(Editor):
                 f"MEMIT edits causal language models only; '{model.name}' is a {model.kind} model "
                 "(use malmen, mend or ft for classification tasks)")
         super().__init__(model, hparams, ctx)
+        # Hparams left at None take the model's rules; the row's config keeps None (= "by rule") and
+        # `prepare_info` records the values used.
+        d_in = model.layer_dims(self.layer_names()[-1])[0]
+        self.rules = model_rules(self.hparams, model.arch, d_in)
+        self.hparams = dataclasses.replace(self.hparams, **self.rules)
         self._stats: dict[str, LayerStats] | None = None
         self._contexts: list[str] | None = None
         self._corpus_name = ""
@@ -212,7 +240,8 @@ class MEMIT(Editor):
         if self._stats is None:
             return {}
         first = next(iter(self._stats.values()))
-        return {"stats_reused": all(s.reused for s in self._stats.values()), "stats_corpus": self._corpus_name,
+        return {"rules": self.rules,
+                "stats_reused": all(s.reused for s in self._stats.values()), "stats_corpus": self._corpus_name,
                 "stats_tokens": first.n_tokens, "stats_dir": str(first.path.parent.parent),
                 "contexts": self._contexts}
 

@@ -346,3 +346,23 @@ def test_prefix_groups_cover_every_row_once_and_bound_the_work():
     assert [sorted(g.tolist()) for g in groups] == [[1, 3, 5], [0, 2, 4]]
     one = group_by_split(split, length, max_groups=1)
     assert len(one) == 1 and sorted(one[0].tolist()) == list(range(6))
+
+
+def test_models_without_a_file_take_the_width_rule_and_their_architecture_z_settings(rand_gpt2):
+    from editors.memit import GPTJ_D_IN, GPTJ_W, model_rules
+
+    em, world = rand_gpt2
+    d_in = em.layer_dims(em.module_names("second_fc", blocks=[2])[0])[0]
+    ed = MEMIT(em, MEMITHparams(layers=[0, 2]))
+    assert ed.hparams.mom2_update_weight == pytest.approx(GPTJ_W * d_in / GPTJ_D_IN)
+    assert (ed.hparams.clamp_norm_factor, ed.hparams.v_weight_decay) == (0.75, 0.5)  # MEMIT's GPT-J values
+    assert ed.rules["mom2_update_weight"] == ed.hparams.mom2_update_weight
+    llama = _rand_llama(world)
+    assert (MEMIT(llama, MEMITHparams()).hparams.clamp_norm_factor,
+            MEMIT(llama, MEMITHparams()).hparams.v_weight_decay) == (4.0, 1e-3)  # EasyEdit's Llama values
+    # GPT-J itself: the rule gives its published 15000; explicit values are never overridden
+    assert model_rules(MEMITHparams(), "gptj", 16384)["mom2_update_weight"] == 15000.0
+    assert model_rules(MEMITHparams(mom2_update_weight=300.0, v_weight_decay=0.1), "llama", 64) == {
+        "clamp_norm_factor": 4.0}
+    for name in ("tiny-gpt2", "smollm2-135m", "gpt2-xl", "EleutherAI/gpt-j-6b"):  # the files fix every ruled value
+        assert model_rules(MEMITHparams(**model_defaults("memit", name)), "llama", 64) == {}, name
