@@ -73,7 +73,7 @@ class PrefixCache:
     """Run a causal LM repeatedly over positions >= split[row] of a fixed batch, the prefix cached once."""
 
     def __init__(self, base: nn.Module, input_ids: Tensor, attention_mask: Tensor, split: Tensor,
-                 max_groups: int = 4):
+                 max_groups: int = 8):
         from transformers import DynamicCache
 
         self.base, self.ids, self.attn = base, input_ids, attention_mask
