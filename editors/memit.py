@@ -15,7 +15,9 @@ Causal LMs only. One batch edit of m requests:
    prompt (keeps the subject's "essence"), plus `v_weight_decay` · ||δ|| / ||h||². After each step
    ||δ|| is clamped to `clamp_norm_factor` · ||h|| (h = the original hidden state at that position).
    As in the MEMIT code: at most `v_num_grad_steps` forward passes (one fewer optimiser step), and a
-   request stops early once its loss is below `v_loss_stop`. z_i = h_i + δ_i.
+   request stops early once its loss is below `v_loss_stop`. z_i = h_i + δ_i. Each step runs only the
+   positions δ can reach, over the requests still optimising (`z_cache=prefix`, `editors/zcache.py`);
+   `z_cache=none` runs the whole batch every step, as the MEMIT code does.
 3. **Keys** k_i^l: the input of the FFN output linear of block l at the subject's last token,
    averaged first within each context type and then across types (bare prompt; sampled
    prefixes), as the MEMIT code does.
@@ -390,7 +392,7 @@ class MEMIT(Editor):
 
         def add_delta(_mod: torch.nn.Module, _args: Any, out: Any) -> Any:
             h = _first_output(out)
-            if "h0" not in state:
+            if "h0" not in state:  # z_cache=none: MEMIT's target_init, read in the first forward
                 state["h0"] = h[ridx[:n_rw:n_ctx], pos[:n_rw:n_ctx]].detach().clone()
             if prefix is not None and prefix.rows_now is not None:  # a step over one group's suffix
                 rows_now = prefix.rows_now
