@@ -105,11 +105,11 @@ class PrefixCache:
         R, T = self.ids.shape
         hid = None
         for g in self.groups:
-            sel = g.rows[live_rows[g.rows]]
+            keep = live_rows[g.rows]
+            sel = g.rows[keep]
             if sel.numel() == 0:
                 continue
             self.current, self.rows_now = g, sel
-            keep = live_rows[g.rows]
             kwargs = {}
             if g.kv is not None:
                 kwargs[self._kw] = self._new_cache([(k[keep], v[keep]) for k, v in g.kv])
