@@ -249,6 +249,7 @@ def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, lo
         task_name=cfg.task,
         task_key=f"{cfg.task}:{stable_hash([res.config['task_config'], res.config['data']])}",
         model_key=em.key or cfg.model,
+        n_edits=cfg.n_edits,
         progress=progress,
         log=log,
     )

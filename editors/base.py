@@ -62,6 +62,7 @@ class EditorContext:
     task_name: str = ""
     task_key: str = ""  # identifies the training data (task + data file hash), for cache keys
     model_key: str = ""  # identifies the model weights, for cache keys
+    n_edits: int = 0  # the run's --edits (hyper-network editors meta-train at it by default); 0: unknown
     progress: Callable[..., Any] | None = None  # bench.progress factory; None = silent
     log: Callable[[str], None] = print
 

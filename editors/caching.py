@@ -1,8 +1,10 @@
 """Caching the (key, value-gradient) tuples of edited linear layers (MALMEN Alg. 1, lines 1-4).
 
 The edit prompt + answer is forwarded, forward hooks record the input u (key) and output v
-(value) of every edited linear, the summed fine-tuning loss L = -Σ_i log p(y_i | x_i) is
-back-propagated, and ∇_v L is read at the cached positions. By default only the positions that
+(value) of every edited linear, the fine-tuning loss L = -Σ_i w_i log p(y_i | x_i) is
+back-propagated, and ∇_v L is read at the cached positions. The per-example weights w_i say how
+the loss is normalised (editors/lossnorm.py: token means per LM batch as the official code, or the
+plain sum); without weights it is the plain sum. By default only the positions that
 output an answer token are cached (labels != -100, MALMEN); `cache="all"` caches every non-pad
 token (Table 1's "cache all tokens" ablation). Classifiers (em.kind == "cls") use the
 cross-entropy of the target label and cache position 0 (the [CLS] token that feeds the head).
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,30 +101,46 @@ def _positions(em: EditableModel, mask_attn: Tensor, labels: Tensor | None, cach
     return labels != -100
 
 
+def weighted_nll(em: EditableModel, prompts: Sequence[str], targets: Sequence[str],
+                 weights: Tensor | None = None) -> tuple[Tensor, Any]:
+    """Σ_i w_i · (example i's summed answer NLL) under the model as it runs now, and the encoded batch.
+
+    The output head runs on the answer positions only (EditableModel.answer_logits).
+    """
+    dev = em.device
+    if em.kind == "cls":
+        enc = em.encode_text(list(prompts))
+        ce = F.cross_entropy(full_precision(em.logits(enc)), em.label_ids(targets).to(dev), reduction="none")
+        w = ce.new_ones(ce.shape) if weights is None else weights.to(device=dev, dtype=ce.dtype)
+        return (ce * w).sum(), enc
+    batch = em.encode(prompts, targets).to(dev)
+    mask = batch.answer_mask
+    ce = F.cross_entropy(full_precision(em.answer_logits(batch)), batch.labels[mask], reduction="none")
+    if weights is None:
+        return ce.sum(), batch
+    w = weights.to(device=dev, dtype=ce.dtype)[:, None].expand(mask.shape)[mask]
+    return (ce * w).sum(), batch
+
+
 def cache_tuples(em: EditableModel, prompts: Sequence[str], targets: Sequence[str], modules: Sequence[str],
-                 cache: str = "answer", micro_batch: int = 16) -> Tuples:
-    """Keys and value gradients of the summed fine-tuning NLL on (prompt, target) pairs, micro-batched.
+                 cache: str = "answer", micro_batch: int = 16, weights: Tensor | None = None) -> Tuples:
+    """Keys and value gradients of the (weighted) fine-tuning NLL on (prompt, target) pairs, micro-batched.
 
     Micro-batching does not change the result: examples are independent in the forward pass and
-    the loss is a sum, so each token's ∇v is the same as in one full batch.
+    the loss is a weighted sum over examples, so each token's ∇v is the same as in one full batch.
     """
     keys: dict[str, list[Tensor]] = {n: [] for n in modules}
     grads: dict[str, list[Tensor]] = {n: [] for n in modules}
     dev = em.device
     for i in range(0, len(prompts), micro_batch):
         p, t = list(prompts[i : i + micro_batch]), list(targets[i : i + micro_batch])
+        w = None if weights is None else weights[i : i + micro_batch]
         with torch.enable_grad(), recording(em, modules) as seen:
+            loss, enc = weighted_nll(em, p, t, w)
             if em.kind == "cls":
-                enc = em.encode_text(p)
-                logits = em.logits(enc)
-                loss = F.cross_entropy(logits, em.label_ids(t).to(dev), reduction="sum")
                 pos = _positions(em, enc["attention_mask"].to(dev), None, cache)
             else:
-                batch = em.encode(p, t).to(dev)
-                logits = em.logits(batch)
-                loss = F.cross_entropy(full_precision(logits).flatten(0, 1), batch.labels.flatten(),
-                                       ignore_index=-100, reduction="sum")
-                pos = _positions(em, batch.attention_mask, batch.labels, cache)
+                pos = _positions(em, enc.attention_mask, enc.labels, cache)
             outs = [seen[n][1] for n in modules]
             g_out = torch.autograd.grad(loss, outs)
         for n, g in zip(modules, g_out, strict=True):

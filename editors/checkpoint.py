@@ -18,7 +18,7 @@ from tasks.base import EditRequest
 
 WEIGHTS = "hypernet.safetensors"
 SIDECAR = "meta.json"
-FORMAT = 1  # bump when training code changes what a given key produces
+FORMAT = 2  # bump when training code changes what a given key produces
 
 
 def requests_digest(requests: Sequence[EditRequest]) -> str:

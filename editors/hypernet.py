@@ -3,19 +3,23 @@
 g_θ maps a cached tuple (key u, value gradient ∇v) of an edited linear layer to a pseudo key ũ and
 a pseudo gradient ∇̃v. Its input [u; ∇v] is normalised by running mean / std statistics that
 are updated only by explicit `observe` calls (the meta-training loop makes them; validation and
-editing never do), then passes through `n_blocks` residual low-rank blocks
+editing never do), then passes through `n_blocks` residual low-rank blocks. The default block is the official code's
+(ChenmienTan/malmen, nets.py):
 
-    h <- h + s_ℓ ⊙ (ReLU(h A + b₁) B + b₂) + o_ℓ,      A: (d+d', r), B: (r, d+d'),
+    h <- h + s_ℓ ⊙ max(h A B + b, 0) + o_ℓ,      A: (d+d', r) ~ N(0, 1), B: (r, d+d') = 0,
 
-with B zero-initialised, so that g_θ is the identity at initialisation (MEND's identity init).
+with B zero-initialised, so that g_θ is the identity (on the normalised input) at initialisation.
+The activation sits after the full low-rank product; its gradient at init still reaches B, because
+the clamp passes gradient at 0 (torch's `clamp(min=0)` has derivative 1 at 0, `relu` has 0), and
+the unscaled A makes one Adam step move the output by O(r · meta_lr · ‖h‖), which is what lets
+the paper's meta-lr 1e-5 train g_θ at all.
 One such network serves all edited layers of the same shape (d, d'); each layer ℓ has its own
 scale s_ℓ (init 1) and shift o_ℓ (init 0) per block, its own edit learning rate η_ℓ (init 1e-6,
 unconstrained, as in the paper) and its own regularisation λ_ℓ = exp(ρ_ℓ) (positive by
 construction; ρ_ℓ is the trained parameter, initialised to log λ₀).
 
-Deviation (stated): the ReLU sits inside the rank-r bottleneck. With the activation after the
-full low-rank product, a zero-initialised factor makes the pre-activation exactly 0, where ReLU's
-derivative is 0, so neither factor would ever receive a gradient.
+`block="inner_relu"` keeps an earlier variant of this harness, h + s_ℓ ⊙ (ReLU(h A + b₁) B + b₂) + o_ℓ
+with A ~ N(0, 1/(d+d')); it is not the paper's and is kept only for comparison (docs/malmen.md).
 """
 
 from __future__ import annotations
@@ -66,31 +70,42 @@ class RunningNorm(nn.Module):
         return (x - mean) / (self.std().to(x.dtype) + _NORM_EPS)
 
 
-class LowRankBlock(nn.Module):
-    """Residual block h + s_ℓ ⊙ (ReLU(h A + b₁) B + b₂) + o_ℓ; identity at init (B = 0)."""
+BLOCKS = ("official", "inner_relu")
 
-    def __init__(self, dim: int, rank: int, n_layers: int):
+
+class LowRankBlock(nn.Module):
+    """Residual block h + s_ℓ ⊙ max(h A B + b, 0) + o_ℓ (official); identity at init (B = 0)."""
+
+    def __init__(self, dim: int, rank: int, n_layers: int, kind: str = "official"):
         super().__init__()
-        self.down = nn.Parameter(torch.randn(dim, rank) / math.sqrt(dim))
-        self.down_bias = nn.Parameter(torch.zeros(rank))
+        if kind not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {kind!r}")
+        self.kind = kind
+        std = 1.0 if kind == "official" else 1.0 / math.sqrt(dim)
+        self.down = nn.Parameter(torch.randn(dim, rank) * std)
+        # The official block has one bias, after the product; the inner-ReLU variant a second one inside.
+        self.down_bias = nn.Parameter(torch.zeros(rank)) if kind == "inner_relu" else None
         self.up = nn.Parameter(torch.zeros(rank, dim))
         self.up_bias = nn.Parameter(torch.zeros(dim))
         self.scale = nn.Parameter(torch.ones(n_layers, dim))
         self.shift = nn.Parameter(torch.zeros(n_layers, dim))
 
     def forward(self, h: Tensor, layer: int) -> Tensor:
-        z = torch.relu(h @ self.down + self.down_bias) @ self.up + self.up_bias
+        if self.down_bias is None:
+            z = (h @ self.down @ self.up + self.up_bias).clamp(min=0)
+        else:
+            z = torch.relu(h @ self.down + self.down_bias) @ self.up + self.up_bias
         return h + self.scale[layer] * z + self.shift[layer]
 
 
 class ShapeNet(nn.Module):
     """The network shared by all edited layers of one shape (d, d')."""
 
-    def __init__(self, d_in: int, d_out: int, rank: int, n_blocks: int, n_layers: int):
+    def __init__(self, d_in: int, d_out: int, rank: int, n_blocks: int, n_layers: int, block: str = "official"):
         super().__init__()
         self.d_in, self.d_out = d_in, d_out
         self.norm = RunningNorm(d_in + d_out)
-        self.blocks = nn.ModuleList(LowRankBlock(d_in + d_out, rank, n_layers) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(LowRankBlock(d_in + d_out, rank, n_layers, block) for _ in range(n_blocks))
 
     def forward(self, keys: Tensor, grads: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         h = self.norm(torch.cat([keys, grads], -1))
@@ -103,7 +118,7 @@ class HyperNet(nn.Module):
     """g_θ for a set of edited layers, plus per-layer η_ℓ and λ_ℓ = exp(ρ_ℓ)."""
 
     def __init__(self, layer_dims: Mapping[str, tuple[int, int]], rank: int, n_blocks: int,
-                 lr_init: float, lam_init: float):
+                 lr_init: float, lam_init: float, block: str = "official"):
         super().__init__()
         self.layers = list(layer_dims)
         groups: dict[str, list[str]] = {}
@@ -112,7 +127,7 @@ class HyperNet(nn.Module):
         # where each layer lives: (shape key, index inside that shape's per-layer scale/shift)
         self.where = {n: (k, members.index(n)) for k, members in groups.items() for n in members}
         self.nets = nn.ModuleDict({
-            k: ShapeNet(*layer_dims[members[0]], rank, n_blocks, len(members)) for k, members in groups.items()
+            k: ShapeNet(*layer_dims[members[0]], rank, n_blocks, len(members), block) for k, members in groups.items()
         })
         self.lr = nn.Parameter(torch.full((len(self.layers),), float(lr_init)))
         self.log_lam = nn.Parameter(torch.full((len(self.layers),), math.log(lam_init)))
@@ -132,6 +147,10 @@ class HyperNet(nn.Module):
         """Update the input statistics of the layer's shape network (meta-training only)."""
         key, _ = self.where[name]
         self.nets[key].norm.observe(torch.cat([keys, grads], -1))
+
+    def has_statistics(self) -> bool:
+        """True when every shape network's normaliser has observed at least two tuples."""
+        return all(float(net.norm.count) >= 2 for net in self.nets.values())
 
     def forward(self, name: str, keys: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
         """(ũ, ∇̃v) for tuples (n, d), (n, d') of layer `name`."""

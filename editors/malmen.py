@@ -5,20 +5,23 @@ g_θ to (ũ_j, ∇̃v_j), form d_j = -η (ũ_jᵀ u_j) ∇̃v_j and set S* = D U
 (editors/solvers.py). Meta-training (Algorithm 2) uses the two-stage memory-economic gradient
 (editors/meta.py). λ_ℓ = exp(ρ_ℓ) is learnt per layer (positive parameterisation), λ₀ = 1.
 
-Defaults are the paper's (Appendix A.6): rank 1920, 2 blocks, η₀ = 1e-6, meta-lr 1e-5,
-λ_loc = 1, gradient norm ≤ 1, second FFN linear of the last 6 blocks. Per-model overrides live in
-`editors/hparams/malmen/<model>.json` with their reason. Ablations (Table 1): `shift=sum`,
-`reg=none`, `layers=first_fc`, `cache=all`; `meta_grad=naive` back-propagates end to end.
-
-Deviations from the paper, stated: ReLU inside the low-rank bottleneck of g_θ (editors/hypernet.py);
-normal-equation solves in float64 with an lstsq fallback (editors/solvers.py); the meta-training
-schedule (steps, edits per step, validation split and selection by mean(ES, GS, LS)) is ours,
-the paper gives none; the meta loss normalisation is stated in editors/meta.py.
+Defaults are the official code's (ChenmienTan/malmen, config/editor/malmen.yaml, nets.py,
+editor/base.py), which produced the paper's numbers and agree with Appendix A.6: rank 1920,
+2 blocks, η₀ = 1e-6, meta-lr 1e-5, λ_loc = 1, gradient norm ≤ 1, second FFN linear of the last 6
+blocks, the official block and initialisation (editors/hypernet.py), token-mean losses per LM batch
+of 32 length-sorted examples (`loss_norm=official`), one epoch over the training split at the
+edited m with the final weights kept (`schedule=official`), and `train_edits` = `--edits`.
+The paper's printed normalisation (`loss_norm=sum`) and a validate-and-select schedule for CPU
+budgets (`schedule=select`) are options. Per-model overrides live in
+`editors/hparams/malmen/<model>.json` with their measured reason. Ablations (Table 1):
+`shift=sum`, `reg=none`, `layers=first_fc`, `cache=all`; `meta_grad=naive` back-propagates end to
+end. Point-by-point comparison with the official code: docs/malmen.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,19 +38,21 @@ from editors.checkpoint import (
     requests_digest,
     save_checkpoint,
 )
-from editors.hypernet import HyperNet
-from editors.meta import META_GRADS, Options, TrainConfig, compute_edit, meta_train
+from editors.hypernet import BLOCKS, HyperNet
+from editors.lossnorm import LOSS_NORMS
+from editors.meta import META_GRADS, SCHEDULES, Options, TrainConfig, compute_edit, meta_train
 from tasks.base import EditRequest
 
 
 @dataclass
 class MalmenHParams:
-    """MALMEN hyperparameters; paper values as defaults (Appendix A.6), training schedule ours."""
+    """MALMEN hyperparameters; the official code's values as defaults (they match Appendix A.6)."""
 
     layers: str = "second_fc"  # edited linear: FFN output ("first_fc": Table 1 ablation)
     last_n: int = 6  # edit the last 6 transformer blocks
     rank: int = 1920  # rank of the low-rank blocks of g_θ
     n_blocks: int = 2
+    block: str = "official"  # "inner_relu": an earlier variant, see editors/hypernet.py
     edit_lr: float = 1e-6  # initial per-layer edit learning rate η
     lam_init: float = 1.0  # initial λ (λ = exp(ρ), ρ learnt)
     meta_lr: float = 1e-5
@@ -55,41 +60,51 @@ class MalmenHParams:
     max_grad_norm: float = 1.0
     shift: str = "normal"  # "sum": sum of shifts (MEND-style, Table 1 ablation)
     reg: str = "ridge"  # "none": λ = 0, no regularisation term (Table 1 ablation)
-    cache: str = "answer"  # "all": cache every token (Table 1 ablation)
+    cache: str = "answer"  # "all": cache every token (Table 1 ablation; MEND's default)
     meta_grad: str = "two_stage"  # "naive": end-to-end back-propagation (Figure 1 / 9)
-    train_edits: int = 64  # edits per meta-training step
-    steps: int = 1000  # meta-training steps
-    val_every: int = 100
-    n_val: int = 256  # held-out training requests for validation
-    val_batches: int = 0  # batches of train_edits validated each time (0: the whole held-out pool)
-    patience: int = 0  # early stop after this many validations without gain; 0 = never
+    loss_norm: str = "official"  # token means per LM batch of `lm_batch`; "sum": Algorithm 1 as printed
+    lm_batch: int = 32  # examples per LM batch for loss_norm=official (config/data/zsre.yaml)
+    train_edits: int | None = None  # edits per meta-training step; None: the run's --edits
+    schedule: str = "official"  # epochs over the train split, final weights; "select": validate and keep the best
+    epochs: int = 1  # schedule=official: passes over the training split (the official n_epochs)
+    steps: int = 1000  # schedule=select: meta-training steps
+    val_every: int = 100  # schedule=select
+    n_val: int = 256  # schedule=select: held-out training requests for validation
+    val_batches: int = 0  # schedule=select: batches of train_edits validated each time (0: all)
+    patience: int = 0  # schedule=select: early stop after this many validations without gain; 0 = never
     # intra-op threads while meta-training; 0 keeps torch's setting. A fixed count makes the checkpoint
     # the same on every machine (float reductions split differently across threads, and on tiny-gpt2
     # 1 vs 2 threads gave checkpoints whose m = 64 ES differed by 0.08).
     meta_threads: int = 0
-    micro_batch: int = 16  # prompts per LM forward
-    chunk: int = 1024  # cached tuples per hyper-network forward
+    micro_batch: int = 16  # prompts per LM forward (memory only: results do not depend on it)
+    chunk: int = 1024  # cached tuples per hyper-network forward (the official editor.batch_size)
 
     def __post_init__(self) -> None:
         if self.layers not in ("second_fc", "first_fc"):
             raise ValueError(f"layers must be second_fc or first_fc, got {self.layers!r}")
-        if self.cache not in CACHE_MODES:
-            raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
-        if self.meta_grad not in META_GRADS:
-            raise ValueError(f"meta_grad must be one of {META_GRADS}, got {self.meta_grad!r}")
+        for name, val, ok in (("cache", self.cache, CACHE_MODES), ("meta_grad", self.meta_grad, META_GRADS),
+                              ("block", self.block, BLOCKS), ("loss_norm", self.loss_norm, LOSS_NORMS),
+                              ("schedule", self.schedule, SCHEDULES)):
+            if val not in ok:
+                raise ValueError(f"{name} must be one of {ok}, got {val!r}")
         if self.lam_init <= 0:
             raise ValueError("lam_init must be > 0 (λ = exp(ρ))")
+        if self.train_edits is not None and self.train_edits < 1:
+            raise ValueError("train_edits must be >= 1 (or unset: the run's --edits)")
+        if self.epochs < 1 or self.lm_batch < 1:
+            raise ValueError("epochs and lm_batch must be >= 1")
         self.options()  # validates shift / reg / sizes
 
     def options(self) -> Options:
         return Options(shift=self.shift, reg=self.reg, cache=self.cache, loc_coef=self.loc_coef,
-                       micro_batch=self.micro_batch, chunk=self.chunk)
+                       micro_batch=self.micro_batch, chunk=self.chunk, loss_norm=self.loss_norm,
+                       lm_batch=self.lm_batch)
 
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, train_edits=self.train_edits, val_every=self.val_every,
-                           n_val=self.n_val, patience=self.patience, meta_lr=self.meta_lr,
-                           max_grad_norm=self.max_grad_norm, meta_grad=self.meta_grad, threads=self.meta_threads,
-                           val_batches=self.val_batches)
+    def train_config(self, train_edits: int) -> TrainConfig:
+        return TrainConfig(schedule=self.schedule, epochs=self.epochs, steps=self.steps, train_edits=train_edits,
+                           val_every=self.val_every, n_val=self.n_val, patience=self.patience,
+                           meta_lr=self.meta_lr, max_grad_norm=self.max_grad_norm, meta_grad=self.meta_grad,
+                           threads=self.meta_threads, val_batches=self.val_batches)
 
 
 @register_editor("malmen")
@@ -111,34 +126,49 @@ class MalmenEditor(Editor):
         dims = {n: self.model.layer_dims(n) for n in self.modules}
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
             torch.manual_seed(self.ctx.seed)
-            net = HyperNet(dims, hp.rank, hp.n_blocks, hp.edit_lr, hp.lam_init)
+            net = HyperNet(dims, hp.rank, hp.n_blocks, hp.edit_lr, hp.lam_init, hp.block)
         p = next(self.model.model.parameters())
         net.to(device=p.device, dtype=p.dtype)
         for norm in (m for m in net.modules() if hasattr(m, "m2")):  # statistics stay float64
             norm.to(torch.float64)
         return net.eval()
 
+    def train_edits(self) -> int:
+        """Edits per meta-training step: the hparams' value, else the run's --edits (the official code's rule)."""
+        if self.hparams.train_edits is not None:
+            return self.hparams.train_edits
+        if self.ctx.n_edits < 1:
+            raise ValueError(f"{self.name}: train_edits is unset and the context names no --edits")
+        return self.ctx.n_edits
+
     def checkpoint_key(self, train: Sequence[EditRequest]) -> str:
-        """Hash of model, task, training data, hyperparameters and seed."""
+        """Hash of model, task, training data, hyperparameters (train_edits resolved) and seed."""
+        hp = {**dataclasses.asdict(self.hparams), "train_edits": self.train_edits()}
         return checkpoint_key(editor=self.name, model=self.ctx.model_key or self.model.key or self.model.name,
-                              task=self.ctx.task_key, train=requests_digest(train),
-                              hparams=dataclasses.asdict(self.hparams), seed=self.ctx.seed,
-                              modules=self.modules)
+                              task=self.ctx.task_key, train=requests_digest(train), hparams=hp,
+                              seed=self.ctx.seed, modules=self.modules)
 
     def prepare(self, train: Sequence[EditRequest]) -> None:
         """Load the checkpoint for this configuration, or meta-train g_θ and save it."""
         key = self.checkpoint_key(train)
         path = checkpoint_dir(self.ctx.results_dir, key)
+        m = self.train_edits()
+        shared = {"train_edits": m, "train_edits_from": "--edits" if self.hparams.train_edits is None else "hparams",
+                  "train_edits_shared": bool(self.ctx.n_edits) and m != self.ctx.n_edits}
         found = load_checkpoint(path)
         if found is not None:
             state, side = found
             self.net.load_state_dict(state)
-            self.net.eval()
-            self._info = {"trained": True, "checkpoint": str(path), "reused": True,
-                          "meta_train_s": side.get("meta_train_s"), "best_step": side.get("best_step"),
-                          "best_val": side.get("best_val")}
-            self.ctx.log(f"[{self.name}] reusing meta-trained checkpoint {path}")
-            return
+            if self.net.has_statistics():
+                self.net.eval()
+                self._info = {"trained": True, "checkpoint": str(path), "reused": True,
+                              "meta_train_s": side.get("meta_train_s"), "best_step": side.get("best_step"),
+                              "best_val": side.get("best_val"), "steps": side.get("steps"), **shared}
+                self.ctx.log(f"[{self.name}] reusing meta-trained checkpoint {path}")
+                return
+            self.ctx.log(f"[{self.name}] checkpoint {path} has no normaliser statistics; meta-training again")
+            shutil.rmtree(path, ignore_errors=True)  # so the new checkpoint takes its place
+            self.net = self._build_net()
         if not train:
             raise ValueError(f"{self.name} needs training requests to meta-train its hyper-network")
         t0 = time.perf_counter()
@@ -147,7 +177,7 @@ class MalmenEditor(Editor):
             p.requires_grad_(False)
         try:
             summary = meta_train(self.model, self.net, self.modules, train, self.hparams.options(),
-                                 self.hparams.train_config(), self.ctx.seed, self.ctx.progress, self.ctx.log)
+                                 self.hparams.train_config(m), self.ctx.seed, self.ctx.progress, self.ctx.log)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -155,9 +185,12 @@ class MalmenEditor(Editor):
         side = {"editor": self.name, "hparams": dataclasses.asdict(self.hparams), "model": self.ctx.model_key,
                 "task": self.ctx.task_key, "seed": self.ctx.seed, "modules": self.modules,
                 "meta_train_s": secs, **summary}
+        if not self.net.has_statistics():  # never store a g_θ whose normaliser saw nothing
+            raise RuntimeError(f"{self.name}: meta-training ended without normaliser statistics")
         save_checkpoint(path, self.net.state_dict(), side)
         self._info = {"trained": True, "checkpoint": str(path), "reused": False, "meta_train_s": secs,
-                      "best_step": summary["best_step"], "best_val": summary["best_val"]}
+                      "best_step": summary["best_step"], "best_val": summary["best_val"],
+                      "steps": summary["steps"], **shared}
 
     def edit(self, requests: Sequence[EditRequest]) -> Edit:
         """One batch edit of all requests (Algorithm 1); statistics of g_θ stay frozen."""

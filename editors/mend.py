@@ -1,12 +1,16 @@
 """MEND as re-implemented in the MALMEN paper (Appendix A.1, A.2, A.7).
 
-The same hyper-network, caching, meta loss and training as MALMEN (editors/malmen.py); only the
-aggregation differs: the per-token rank-1 shifts S_j = -η ∇̃v_j ũ_jᵀ are summed,
+The same hyper-network, meta loss and training as MALMEN (editors/malmen.py); the aggregation
+differs, and so do the cached positions: MEND caches every token of prompt and answer
+(`cache=all`, the official config/editor/mend.yaml `token: all`), MALMEN the answer tokens. The
+per-token rank-1 shifts S_j = -η ∇̃v_j ũ_jᵀ are summed,
 S* = -η Σ_j ∇̃v_j ũ_jᵀ (computed as one (d', n) x (n, d) product, never forming S_j). There is no
 λ. Its meta-gradient has the analogous two-stage form: ∂L/∂S* = ∇W̃, and the proxy
 Σ_chunks tr(∇W̃ᵀ S*_chunk) is back-propagated through g_θ chunk by chunk. The mean residual uses
-d_j = S_j u_j, as in the paper's Figure 8. Hyperparameters are MALMEN's (the paper uses identical
-ones for both, A.6); per-model overrides in `editors/hparams/mend/<model>.json`.
+d_j = S_j u_j, as in the paper's Figure 8. Hyperparameters are otherwise MALMEN's (the paper uses identical
+ones for both, A.6); per-model overrides in `editors/hparams/mend/<model>.json`. The paper's
+"sum of parameter shifts" ablation (Table 1) is `--editor malmen --set shift=sum`: MALMEN's
+answer-token cache with MEND's aggregation.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from editors.malmen import MalmenEditor, MalmenHParams
 
 @dataclass
 class MendHParams(MalmenHParams):
-    """MALMEN's hyperparameters with the sum of shifts as the aggregation."""
+    """MALMEN's hyperparameters with the sum of shifts as the aggregation and every token cached."""
 
     shift: str = "sum"
+    cache: str = "all"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,11 +1,13 @@
 """Shift computation, meta-gradients and the meta-training loop shared by MALMEN and MEND.
 
-Meta loss (MALMEN Eq. 1): L_meta = L_gen + λ_loc L_loc, where L_gen is the mean over equivalent
-tuples of -log p_W̃(y^e | x^e) (the answer's summed token NLL) and L_loc the mean over unrelated
-tuples of KL(p_W(· | x^u) ‖ p_W̃(· | x^u)) summed over the answer positions (teacher-forced on the
-gold unrelated answer). For classifiers both are over the class distribution. One equivalent
-prompt is drawn per edit (the request's own prompt when it has no rephrase) and its locality
-probe is the unrelated tuple.
+Meta loss (MALMEN Eq. 1): L_meta = L_gen + λ_loc L_loc, where L_gen is -log p_W̃(y^e | x^e) over
+the equivalent tuples and L_loc the KL(p_W(· | x^u) ‖ p_W̃(· | x^u)) at the answer positions of the
+unrelated tuples (teacher-forced on the gold unrelated answer), each normalised as
+editors/lossnorm.py says: `loss_norm=official` sums token means over LM batches of 32 (the
+official code), `loss_norm=sum` takes the mean over examples of summed token losses (the paper's
+Algorithm 1). For classifiers both are over the class distribution. One equivalent prompt is drawn
+per edit (the request's own prompt when it has no rephrase) and its locality probe is the
+unrelated tuple.
 
 Two meta-gradients, equal up to rounding (tests/test_malmen_grad.py):
 - `two_stage` (Algorithm 2): S* is computed without a graph; the meta loss is back-propagated
@@ -33,11 +35,14 @@ from bench.models import EditableModel
 from bench.progress import open_progress
 from bench.threads import torch_threads
 from editors.base import Edit
-from editors.caching import Tuples, cache_tuples, full_precision, shifted
+from editors.caching import Tuples, cache_tuples, full_precision, shifted, weighted_nll
 from editors.hypernet import HyperNet
+from editors.lossnorm import LOSS_NORMS, cache_weights, loss_weights
 from editors.solvers import (
     SolveStats,
+    SPDFactor,
     backprop_normal_equation,
+    factorise,
     gram,
     solve_spd,
     sum_shift,
@@ -48,6 +53,7 @@ from tasks.base import EditRequest
 SHIFTS = ("normal", "sum")
 REGS = ("ridge", "none")
 META_GRADS = ("two_stage", "naive")
+SCHEDULES = ("official", "select")
 
 
 @dataclass
@@ -60,23 +66,26 @@ class Options:
     loc_coef: float = 1.0
     micro_batch: int = 16  # prompts per LM forward (edit, equivalent and unrelated)
     chunk: int = 1024  # cached tuples per hyper-network forward
+    loss_norm: str = "official"  # editors/lossnorm.py
+    lm_batch: int = 32  # examples per LM batch for loss_norm=official
 
     def __post_init__(self) -> None:
-        for name, val, ok in (("shift", self.shift, SHIFTS), ("reg", self.reg, REGS)):
+        for name, val, ok in (("shift", self.shift, SHIFTS), ("reg", self.reg, REGS),
+                              ("loss_norm", self.loss_norm, LOSS_NORMS)):
             if val not in ok:
                 raise ValueError(f"{name} must be one of {ok}, got {val!r}")
-        if self.micro_batch < 1 or self.chunk < 1:
-            raise ValueError("micro_batch and chunk must be >= 1")
+        if self.micro_batch < 1 or self.chunk < 1 or self.lm_batch < 1:
+            raise ValueError("micro_batch, chunk and lm_batch must be >= 1")
 
 
 @dataclass
 class LayerShift:
-    """One layer's aggregated shift S* (d', d), with the keys, value differences and Gram matrix."""
+    """One layer's aggregated shift S* (d', d), with the keys, value differences and factorised Gram matrix."""
 
     shift: Tensor
     keys: Tensor
     diffs: Tensor
-    gram: Tensor | None  # A = UUᵀ + λI for the normal equation; None for the sum of shifts
+    gram: SPDFactor | None  # A = UUᵀ + λI, factorised once; None for the sum of shifts
 
 
 @dataclass
@@ -94,6 +103,11 @@ class MetaBatch:
         return cls(([r.prompt for r in requests], [r.target for r in requests]),
                    (eq, [r.target for r in requests]),
                    ([r.locality_prompt for r in requests], [r.locality_answer for r in requests]))
+
+    def weights(self, em: EditableModel, opt: Options) -> tuple[Tensor, Tensor]:
+        """Per-example loss weights (equivalent, unrelated) under `opt.loss_norm`."""
+        return (loss_weights(em, *self.equiv, opt.loss_norm, opt.lm_batch),
+                loss_weights(em, *self.unrel, opt.loss_norm, opt.lm_batch))
 
 
 @dataclass
@@ -130,8 +144,11 @@ def layer_shift(net: HyperNet, name: str, keys: Tensor, grads: Tensor, opt: Opti
     if opt.shift == "sum":
         return LayerShift(sum_shift(pk, pg, eta), keys, diffs, None)
     a = gram(keys, None if opt.reg == "none" else net.lam(name))  # float64, see solvers.gram
-    shift = solve_spd(a, keys.double().T @ diffs.double(), stats).T.to(diffs.dtype)
-    return LayerShift(shift, keys, diffs, a)
+    if torch.is_grad_enabled():  # naive meta-gradient: autograd through the solve
+        return LayerShift(solve_spd(a, keys.double().T @ diffs.double(), stats).T.to(diffs.dtype), keys, diffs, None)
+    factor = factorise(a, stats)
+    shift = factor.solve(keys.double().T @ diffs.double()).T.to(diffs.dtype)
+    return LayerShift(shift, keys, diffs, factor)
 
 
 def all_shifts(net: HyperNet, tuples: Tuples, opt: Options, stats: SolveStats | None = None) -> dict[str, LayerShift]:
@@ -150,47 +167,45 @@ def _kl(pre_logits: Tensor, post_logits: Tensor) -> Tensor:
     return (pre.exp() * (pre - post)).sum(-1)
 
 
-def _gen_sum(em: EditableModel, prompts: list[str], targets: list[str]) -> Tensor:
-    """Σ over examples of -log p(target | prompt) under the model as it currently runs."""
+def _loc_kl(em: EditableModel, prompts: list[str], answers: list[str], shifts: dict[str, Tensor],
+            weights: Tensor) -> Tensor:
+    """Σ_i w_i KL_i: the locality KL of each unrelated example (over its answer positions), weighted."""
     if em.kind == "cls":
-        logits = em.logits(em.encode_text(prompts))
-        return F.cross_entropy(logits, em.label_ids(targets).to(logits.device), reduction="sum")
-    batch = em.encode(prompts, targets).to(em.device)
-    logits = full_precision(em.logits(batch))
-    return F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum")
-
-
-def _loc_logits(em: EditableModel, prompts: list[str], answers: list[str]) -> tuple[Any, Tensor | None]:
-    """Encoded unrelated batch and its answer-position mask (None for classifiers)."""
-    if em.kind == "cls":
-        return em.encode_text(prompts), None
+        enc = em.encode_text(prompts)
+        with torch.no_grad():
+            pre = em.logits(enc)
+        with shifted(em, shifts):
+            post = em.logits(enc)
+        kl = _kl(pre, post)
+        return (kl * weights.to(device=kl.device, dtype=kl.dtype)).sum()
     batch = em.encode(prompts, answers).to(em.device)
-    return batch, batch.answer_mask
+    with torch.no_grad():
+        pre = em.answer_logits(batch)
+    with shifted(em, shifts):
+        post = em.answer_logits(batch)
+    kl = _kl(pre, post)  # one row per answer position
+    mask = batch.answer_mask
+    w = weights.to(device=kl.device, dtype=kl.dtype)[:, None].expand(mask.shape)[mask]
+    return (kl * w).sum()
 
 
 def meta_loss_parts(em: EditableModel, batch: MetaBatch, shifts: dict[str, Tensor], opt: Options
                     ) -> Iterator[tuple[Tensor, float, float]]:
     """Per micro-batch: (its share of L_meta, gen share, loc share); the shares sum to L_meta.
 
-    Equivalent and unrelated micro-batches are visited separately, any sizes, each divided by the
-    full count, so accumulating gradients over the parts gives exactly ∇L_meta.
+    Equivalent and unrelated micro-batches are visited separately, any sizes; each example carries
+    its loss weight (editors/lossnorm.py), so accumulating gradients over the parts gives exactly
+    ∇L_meta whatever the micro-batching.
     """
     (eq_p, eq_t), (un_p, un_a) = batch.equiv, batch.unrel
-    n_e, n_u = len(eq_p), len(un_p)
-    for sl in _chunks(n_e, opt.micro_batch):
+    w_e, w_u = batch.weights(em, opt)
+    for sl in _chunks(len(eq_p), opt.micro_batch):
         with shifted(em, shifts):
-            g = _gen_sum(em, eq_p[sl], eq_t[sl]) / n_e
+            g, _ = weighted_nll(em, eq_p[sl], eq_t[sl], w_e[sl])
         yield g, float(g.detach()), 0.0
-    for sl in _chunks(n_u, opt.micro_batch):
-        enc, mask = _loc_logits(em, un_p[sl], un_a[sl])
-        with torch.no_grad():
-            pre = em.logits(enc)
-        with shifted(em, shifts):
-            post = em.logits(enc)
-        kl = _kl(pre, post)
-        kl = kl.sum() if mask is None else kl[mask.to(kl.device)].sum()
-        loc = opt.loc_coef * kl / n_u
-        yield loc, 0.0, float(kl.detach() / n_u)
+    for sl in _chunks(len(un_p), opt.micro_batch):
+        kl = _loc_kl(em, un_p[sl], un_a[sl], shifts, w_u[sl])
+        yield opt.loc_coef * kl, 0.0, float(kl.detach())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,9 +219,16 @@ def _add_grad(p: torch.nn.Parameter, g: Tensor) -> None:
         p.grad += g.detach()
 
 
+def cache_edit_tuples(em: EditableModel, edit: tuple[list[str], list[str]], modules: Sequence[str],
+                      opt: Options) -> Tuples:
+    """Cache the tuples of a batch of edits, ∇v normalised as `opt.loss_norm` says."""
+    w = cache_weights(em, *edit, opt.loss_norm, opt.lm_batch)
+    return cache_tuples(em, *edit, modules, cache=opt.cache, micro_batch=opt.micro_batch, weights=w)
+
+
 def cache_for(em: EditableModel, batch: MetaBatch, modules: Sequence[str], opt: Options) -> Tuples:
     """Cache the edit tuples of a meta batch."""
-    return cache_tuples(em, *batch.edit, modules, cache=opt.cache, micro_batch=opt.micro_batch)
+    return cache_edit_tuples(em, batch.edit, modules, opt)
 
 
 def two_stage_backward(em: EditableModel, net: HyperNet, tuples: Tuples, batch: MetaBatch,
@@ -294,7 +316,7 @@ def compute_edit(em: EditableModel, net: HyperNet, modules: Sequence[str], batch
                  opt: Options) -> Edit:
     """Algorithm 1: cache tuples, run g_θ (statistics frozen), aggregate per layer."""
     stats = SolveStats()
-    tuples = cache_tuples(em, *batch_edit, modules, cache=opt.cache, micro_batch=opt.micro_batch)
+    tuples = cache_edit_tuples(em, batch_edit, modules, opt)
     with torch.no_grad():
         shifts = all_shifts(net, tuples, opt, stats)
     info = {
@@ -309,18 +331,24 @@ def compute_edit(em: EditableModel, net: HyperNet, modules: Sequence[str], batch
 
 @dataclass
 class TrainConfig:
-    """Meta-training schedule (not given in the paper; ours, stated in the editor's hparams)."""
+    """Meta-training schedule: the official one (epochs, final weights) or validate-and-select."""
 
-    steps: int = 1000
+    schedule: str = "official"
+    epochs: int = 1  # official: passes over the training requests (the official n_epochs = 1)
+    steps: int = 1000  # select: steps
     train_edits: int = 64
-    val_every: int = 100
-    n_val: int = 256
-    patience: int = 0  # stop after this many validations without improvement; 0 = never
+    val_every: int = 100  # select
+    n_val: int = 256  # select: held-out training requests
+    patience: int = 0  # select: stop after this many validations without improvement; 0 = never
     meta_lr: float = 1e-5
     max_grad_norm: float = 1.0
     meta_grad: str = "two_stage"
     threads: int = 0  # intra-op threads while training (0: leave torch's setting)
-    val_batches: int = 0  # validation batches taken from the held-out pool (0: every full batch)
+    val_batches: int = 0  # select: validation batches taken from the held-out pool (0: every full batch)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 def validate(em: EditableModel, net: HyperNet, modules: Sequence[str], batches: Sequence[Sequence[EditRequest]],
@@ -349,15 +377,35 @@ def validate(em: EditableModel, net: HyperNet, modules: Sequence[str], batches: 
 def meta_train(em: EditableModel, net: HyperNet, modules: Sequence[str], train: Sequence[EditRequest],
                opt: Options, cfg: TrainConfig, seed: int, progress: Any = None,
                log: Any = print) -> dict[str, Any]:
-    """Meta-train g_θ with Adam and gradient clipping; validate every `val_every` steps; keep the best.
+    """Meta-train g_θ with Adam and gradient clipping on the schedule `cfg.schedule`.
 
-    The first `n_val` requests of a seeded shuffle of `train` are held out for validation, edited in
-    batches of the training step's size (a remainder smaller than that is left out, so every
-    validation edit has the size the editor is trained for).
-    Returns a summary (history, best step and its validation metrics) for the checkpoint sidecar.
+    `official` (ChenmienTan/malmen, editor/base.py and data/base.py): `epochs` passes over all
+    training requests, each a fresh shuffle cut into floor(N / m) steps of m edits (the last
+    partial batch dropped), the final weights kept, no validation.
+    `select`: the first `n_val` requests of a seeded shuffle are held out and edited in batches of
+    m every `val_every` of `steps` steps (a remainder smaller than m is left out); the weights with
+    the best mean(ES, GS, LS) are kept. The normaliser observes the first training batch before
+    step 0 is validated, so a g_θ restored from any step has statistics.
+    Returns a summary (history, steps run, best step and its validation metrics) for the sidecar.
     """
     with torch_threads(cfg.threads):
         return _meta_train(em, net, modules, train, opt, cfg, seed, progress, log)
+
+
+def _batches(n_trn: int, m: int, cfg: TrainConfig, rng: random.Random) -> Iterator[list[int]]:
+    """Index lists of the steps: whole epochs without a partial batch (official), or `steps` draws (select)."""
+    if cfg.schedule == "official":
+        for _ in range(cfg.epochs):
+            order = rng.sample(range(n_trn), n_trn)
+            for i in range(0, n_trn - m + 1, m):
+                yield order[i:i + m]
+        return
+    order: list[int] = []
+    for _ in range(cfg.steps):
+        if len(order) < m:  # next epoch(s): a fresh shuffle, continuing across the epoch boundary
+            order += rng.sample(range(n_trn), n_trn)
+        yield order[:m]
+        del order[:m]
 
 
 def _meta_train(em: EditableModel, net: HyperNet, modules: Sequence[str], train: Sequence[EditRequest],
@@ -365,11 +413,12 @@ def _meta_train(em: EditableModel, net: HyperNet, modules: Sequence[str], train:
     rng = random.Random(seed)
     pool = list(train)
     rng.shuffle(pool)
-    n_val = min(cfg.n_val, len(pool) // 4)
+    n_val = min(cfg.n_val, len(pool) // 4) if cfg.schedule == "select" else 0
     val, trn = pool[:n_val], pool[n_val:]
     m = min(cfg.train_edits, len(trn))
     if m < cfg.train_edits:
         log(f"[meta] only {len(trn)} training requests: {m} edits per step instead of {cfg.train_edits}")
+    total = (len(trn) // m) * cfg.epochs if cfg.schedule == "official" else cfg.steps
     size = max(1, min(m, n_val))
     val_batches = [val[i:i + size] for i in range(0, len(val) - size + 1, size)]
     if cfg.val_batches:
@@ -377,32 +426,37 @@ def _meta_train(em: EditableModel, net: HyperNet, modules: Sequence[str], train:
     val_req = [r for b in val_batches for r in b]
     pre = evaluate(em, val_req).metrics if val_req else {}
     adam = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
-    order: list[int] = []
     history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"step": 0, "state": _state_copy(net), "val": None}
+
+    def prepared(idx: list[int]) -> tuple[MetaBatch, Tuples]:
+        batch = MetaBatch.from_requests([trn[i] for i in idx], rng)
+        tuples = cache_for(em, batch, modules, opt)
+        for n in modules:  # running input statistics move during meta-training only
+            net.observe(n, tuples.keys[n], tuples.grads[n])
+        return batch, tuples
+
+    steps = _batches(len(trn), m, cfg, rng)
+    first = next(steps, None)
+    ready = prepared(first) if first is not None else None  # statistics exist before step 0 is validated
+    best: dict[str, Any] = {"step": 0, "state": None, "val": None}
     bad = 0
     if val_req:
-        best["val"] = validate(em, net, modules, val_batches, opt, pre)
+        best = {"step": 0, "state": _state_copy(net), "val": validate(em, net, modules, val_batches, opt, pre)}
         history.append({"step": 0, **best["val"]})
+    step = 0
     with open_progress(progress) as bar:
-        task = bar.add_task("meta-train", total=cfg.steps, status="")
-        for step in range(1, cfg.steps + 1):
-            if len(order) < m:  # next epoch(s): a fresh shuffle of the training requests
-                order += rng.sample(range(len(trn)), len(trn))
-            reqs = [trn[i] for i in order[:m]]
-            del order[:m]
-            batch = MetaBatch.from_requests(reqs, rng)
+        task = bar.add_task("meta-train", total=total, status="")
+        while ready is not None:
+            step += 1
+            batch, tuples = ready
             net.train()
-            tuples = cache_for(em, batch, modules, opt)
-            for n in modules:  # running input statistics move during meta-training only
-                net.observe(n, tuples.keys[n], tuples.grads[n])
             adam.zero_grad(set_to_none=True)
             res = meta_backward(em, net, tuples, batch, opt, cfg.meta_grad)
             gnorm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm))
             adam.step()
             rec = {"step": step, "loss": res.loss, "gen": res.gen, "loc": res.loc, "grad_norm": gnorm}
             bar.update(task, advance=1, status=f"loss {res.loss:.3f} (gen {res.gen:.3f} loc {res.loc:.3f})")
-            if val_req and (step % cfg.val_every == 0 or step == cfg.steps):
+            if val_req and (step % cfg.val_every == 0 or step == total):
                 v = validate(em, net, modules, val_batches, opt, pre)
                 rec.update({f"val_{k}": x for k, x in v.items()})
                 if v["score"] > best["val"]["score"]:
@@ -416,14 +470,18 @@ def _meta_train(em: EditableModel, net: HyperNet, modules: Sequence[str], train:
                 if cfg.patience and bad >= cfg.patience:
                     log(f"[meta] early stop at step {step}: no validation gain in {bad} checks")
                     break
-            elif step % 10 == 0:
+            elif step % 10 == 0 or step == total:
                 history.append(rec)
-    if not val_req:  # nothing to select on: keep the last weights
-        best = {"step": cfg.steps, "state": _state_copy(net), "val": None}
-    net.load_state_dict(best["state"])
+            nxt = next(steps, None)
+            ready = prepared(nxt) if nxt is not None else None
+    if best["state"] is not None:  # select: restore the best validated weights
+        net.load_state_dict(best["state"])
+    else:  # official (or nothing to validate on): the final weights
+        best = {"step": step, "state": None, "val": None}
     net.eval()
-    return {"best_step": best["step"], "best_val": best["val"], "history": history,
-            "n_train_requests": len(trn), "n_val_requests": len(val_req), "train_edits": m}
+    return {"best_step": best["step"], "best_val": best["val"], "history": history, "steps": step,
+            "schedule": cfg.schedule, "n_train_requests": len(trn), "n_val_requests": len(val_req),
+            "train_edits": m}
 
 
 def _state_copy(net: HyperNet) -> dict[str, Tensor]:

@@ -6,7 +6,7 @@ The regularised least-squares shift is
 
     S* = D_paper Uᵀ (U Uᵀ + λ I)⁻¹   i.e.   S*ᵀ = A⁻¹ Kᵀ D,   A = Kᵀ K + λ I   (d x d).
 
-All solves go through `solve_spd`: a Cholesky solve carried out in float64 (keys of real FFNs
+All solves go through `factorise` / `solve_spd`: a Cholesky solve carried out in float64 (keys of real FFNs
 make Kᵀ K + λI too ill-conditioned for a float32 factorisation; the d x d system is small next to
 the LM), and on failure or ill-conditioning a float64 least-squares fallback with a warning.
 No explicit inverse is ever formed.
@@ -53,20 +53,37 @@ def _cond_lower_bound(chol: Tensor) -> Tensor:
     return (diag.max() / diag.min().clamp_min(torch.finfo(diag.dtype).tiny)) ** 2
 
 
-def solve_spd(a: Tensor, b: Tensor, stats: SolveStats | None = None) -> Tensor:
-    """X with A X = B for symmetric positive (semi-)definite A: Cholesky, else float64 lstsq + warning.
+@dataclass
+class SPDFactor:
+    """A factorised A for repeated solves: its float64 Cholesky factor, or A itself for the fallback."""
 
-    Differentiable on both paths (autograd of cholesky_solve / lstsq), so the naive meta-gradient
-    can flow through it.
+    a64: Tensor
+    chol: Tensor | None  # None: Cholesky failed or was ill-conditioned; solves use float64 lstsq
+
+    def solve(self, b: Tensor) -> Tensor:
+        """X with A X = B, in B's dtype (differentiable when A or B carry a graph)."""
+        b64 = b.double()
+        if self.chol is not None:
+            return torch.cholesky_solve(b64, self.chol).to(b.dtype)
+        # gelsd (SVD-based, handles rank deficiency) exists on CPU only; the fallback is rare.
+        x = torch.linalg.lstsq(self.a64.cpu(), b64.cpu(), driver="gelsd").solution
+        return x.to(device=b.device, dtype=b.dtype)
+
+
+def factorise(a: Tensor, stats: SolveStats | None = None) -> SPDFactor:
+    """Cholesky-factorise symmetric positive (semi-)definite A once; warn and fall back when it fails.
+
+    MALMEN solves with the same A twice per layer and step (the shift, then Algorithm 2's
+    M = ∇W̃ A⁻¹), so the factor is kept and reused rather than computed twice.
     """
     if stats is not None:
         stats.calls += 1
-    a64, b64 = a.double(), b.double()
+    a64 = a.double()
     chol, info = torch.linalg.cholesky_ex(a64)
     if int(info) == 0:
         limit = _COND_FRACTION / torch.finfo(torch.float64).eps
         if bool(torch.isfinite(chol).all()) and float(_cond_lower_bound(chol.detach())) < limit:
-            return torch.cholesky_solve(b64, chol).to(b.dtype)
+            return SPDFactor(a64, chol)
         reason = "ill-conditioned"
     else:
         reason = f"not positive definite (leading minor {int(info)})"
@@ -74,11 +91,18 @@ def solve_spd(a: Tensor, b: Tensor, stats: SolveStats | None = None) -> Tensor:
         stats.fallbacks += 1
     warnings.warn(
         f"normal-equation matrix ({a.shape[0]}x{a.shape[0]}) is {reason}; "
-        "falling back to float64 least squares", SolverFallbackWarning, stacklevel=2,
+        "falling back to float64 least squares", SolverFallbackWarning, stacklevel=3,
     )
-    # gelsd (SVD-based, handles rank deficiency) exists on CPU only; the fallback is rare.
-    x = torch.linalg.lstsq(a64.cpu(), b64.cpu(), driver="gelsd").solution
-    return x.to(device=b.device, dtype=b.dtype)
+    return SPDFactor(a64, None)
+
+
+def solve_spd(a: Tensor, b: Tensor, stats: SolveStats | None = None) -> Tensor:
+    """X with A X = B for symmetric positive (semi-)definite A: Cholesky, else float64 lstsq + warning.
+
+    Differentiable on both paths (autograd of cholesky_solve / lstsq), so the naive meta-gradient
+    can flow through it.
+    """
+    return factorise(a, stats).solve(b)
 
 
 def normal_equation_shift(keys: Tensor, diffs: Tensor, lam: Tensor | float | None,
@@ -98,12 +122,14 @@ def value_diffs(keys: Tensor, pseudo_keys: Tensor, pseudo_grads: Tensor, lr: Ten
     return -lr * coef * pseudo_grads
 
 
-def backprop_normal_equation(a: Tensor, grad_shift: Tensor, shift: Tensor,
+def backprop_normal_equation(a: Tensor | SPDFactor, grad_shift: Tensor, shift: Tensor,
                              stats: SolveStats | None = None) -> tuple[Tensor, Tensor]:
     """Algorithm 2's manual step: M = ∇W̃ A⁻¹ (d', d) and dL/dλ = -tr(M S*ᵀ).
 
     ∇D for a chunk of keys K_c is then K_c Mᵀ (Theorem 1); A is symmetric so Mᵀ = A⁻¹ ∇W̃ᵀ.
+    `a` is A or its factor from the forward solve (reused: no second factorisation).
     """
-    m = solve_spd(a, grad_shift.T, stats).T
+    factor = a if isinstance(a, SPDFactor) else factorise(a, stats)
+    m = factor.solve(grad_shift.T).T
     dlam = -(m * shift).sum()
     return m, dlam
