@@ -181,9 +181,20 @@ class EditableModel:
         mask = b.answer_mask
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         if type(self.model).__name__ not in _PLAIN_HEAD or head is None:
-            return self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[mask]
-        hidden = self.model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+            return self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits[mask]
+        hidden = self.model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                       use_cache=False).last_hidden_state
         return head(hidden[mask])
+
+    def block_of(self, module_name: str) -> tuple[nn.ModuleList, int]:
+        """The list of transformer blocks that holds `module_name`, and the index of its block."""
+        parts = module_name.split(".")
+        for k, part in enumerate(parts):
+            if part.isdigit():
+                parent = self.model.get_submodule(".".join(parts[:k]))
+                if isinstance(parent, nn.ModuleList):
+                    return parent, int(part)
+        raise ValueError(f"{module_name} is not inside a list of blocks of {self.name}")
 
     def logits(self, batch: LMBatch | dict[str, Tensor]) -> Tensor:
         """Forward pass returning logits ((B, T, V) for LMs, (B, C) for classifiers)."""

@@ -62,6 +62,9 @@ def variant_diff(config: dict[str, Any]) -> dict[str, Any]:
         out["hparams#"] = stable_hash(hp, 8)
     else:
         out.update({k: v for k, v in hp.items() if dflt.get(k, object()) != v})
+        # A hyperparameter added since the row was stored: the row ran without it (e.g. MALMEN rows from
+        # before `block` and `loss_norm`), so it is not today's default configuration either.
+        out.update({k: None for k in dflt if k not in hp})
     tc = {k: v for k, v in _plain(config.get("task_config", {})).items() if k not in _TASK_IO_FIELDS}
     tdflt = task_defaults(config["task"])
     if tdflt is None:

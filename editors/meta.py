@@ -35,15 +35,15 @@ from bench.models import EditableModel
 from bench.progress import open_progress
 from bench.threads import torch_threads
 from editors.base import Edit
-from editors.caching import Tuples, cache_tuples, full_precision, shifted, weighted_nll
+from editors.caching import PrefixReuse, Tuples, cache_tuples, full_precision, micro_batches, shifted, weighted_nll
 from editors.hypernet import HyperNet
 from editors.lossnorm import LOSS_NORMS, cache_weights, loss_weights
 from editors.solvers import (
+    RidgeSolve,
     SolveStats,
-    SPDFactor,
-    backprop_normal_equation,
-    factorise,
     gram,
+    ridge_backward,
+    ridge_shift,
     solve_spd,
     sum_shift,
     value_diffs,
@@ -85,7 +85,7 @@ class LayerShift:
     shift: Tensor
     keys: Tensor
     diffs: Tensor
-    gram: SPDFactor | None  # A = UUᵀ + λI, factorised once; None for the sum of shifts
+    solve: RidgeSolve | None  # the factorised normal equation, kept for the backward; None: sum of shifts / naive
 
 
 @dataclass
@@ -143,12 +143,12 @@ def layer_shift(net: HyperNet, name: str, keys: Tensor, grads: Tensor, opt: Opti
     diffs = value_diffs(keys, pk, pg, eta)
     if opt.shift == "sum":
         return LayerShift(sum_shift(pk, pg, eta), keys, diffs, None)
-    a = gram(keys, None if opt.reg == "none" else net.lam(name))  # float64, see solvers.gram
-    if torch.is_grad_enabled():  # naive meta-gradient: autograd through the solve
+    lam = None if opt.reg == "none" else net.lam(name)
+    if torch.is_grad_enabled():  # naive meta-gradient: autograd through the primal solve
+        a = gram(keys, lam)  # float64, see solvers.gram
         return LayerShift(solve_spd(a, keys.double().T @ diffs.double(), stats).T.to(diffs.dtype), keys, diffs, None)
-    factor = factorise(a, stats)
-    shift = factor.solve(keys.double().T @ diffs.double()).T.to(diffs.dtype)
-    return LayerShift(shift, keys, diffs, factor)
+    shift, solve = ridge_shift(keys, diffs, lam, stats)
+    return LayerShift(shift, keys, diffs, solve)
 
 
 def all_shifts(net: HyperNet, tuples: Tuples, opt: Options, stats: SolveStats | None = None) -> dict[str, LayerShift]:
@@ -169,19 +169,23 @@ def _kl(pre_logits: Tensor, post_logits: Tensor) -> Tensor:
 
 def _loc_kl(em: EditableModel, prompts: list[str], answers: list[str], shifts: dict[str, Tensor],
             weights: Tensor) -> Tensor:
-    """Σ_i w_i KL_i: the locality KL of each unrelated example (over its answer positions), weighted."""
+    """Σ_i w_i KL_i: the locality KL of each unrelated example (over its answer positions), weighted.
+
+    The edited forward reuses the unedited one's blocks below the first edited layer (PrefixReuse).
+    """
+    prefix = PrefixReuse(em, list(shifts))
     if em.kind == "cls":
         enc = em.encode_text(prompts)
-        with torch.no_grad():
+        with torch.no_grad(), prefix.record():
             pre = em.logits(enc)
-        with shifted(em, shifts):
+        with shifted(em, shifts), prefix.replay():
             post = em.logits(enc)
         kl = _kl(pre, post)
         return (kl * weights.to(device=kl.device, dtype=kl.dtype)).sum()
     batch = em.encode(prompts, answers).to(em.device)
-    with torch.no_grad():
+    with torch.no_grad(), prefix.record():
         pre = em.answer_logits(batch)
-    with shifted(em, shifts):
+    with shifted(em, shifts), prefix.replay():
         post = em.answer_logits(batch)
     kl = _kl(pre, post)  # one row per answer position
     mask = batch.answer_mask
@@ -199,12 +203,12 @@ def meta_loss_parts(em: EditableModel, batch: MetaBatch, shifts: dict[str, Tenso
     """
     (eq_p, eq_t), (un_p, un_a) = batch.equiv, batch.unrel
     w_e, w_u = batch.weights(em, opt)
-    for sl in _chunks(len(eq_p), opt.micro_batch):
+    for idx in micro_batches(em, eq_p, eq_t, opt.micro_batch):
         with shifted(em, shifts):
-            g, _ = weighted_nll(em, eq_p[sl], eq_t[sl], w_e[sl])
+            g, _ = weighted_nll(em, [eq_p[i] for i in idx], [eq_t[i] for i in idx], w_e[idx])
         yield g, float(g.detach()), 0.0
-    for sl in _chunks(len(un_p), opt.micro_batch):
-        kl = _loc_kl(em, un_p[sl], un_a[sl], shifts, w_u[sl])
+    for idx in micro_batches(em, un_p, un_a, opt.micro_batch):
+        kl = _loc_kl(em, [un_p[i] for i in idx], [un_a[i] for i in idx], shifts, w_u[idx])
         yield opt.loc_coef * kl, 0.0, float(kl.detach())
 
 
@@ -252,7 +256,8 @@ def two_stage_backward(em: EditableModel, net: HyperNet, tuples: Tuples, batch: 
         idx = net.index(n)
         keys, grads = tuples.keys[n], tuples.grads[n]
         if opt.shift == "normal":
-            m, dlam = backprop_normal_equation(ls.gram, grad_w[n], ls.shift, res.solve)
+            assert ls.solve is not None
+            grad_d_all, dlam = ridge_backward(ls.solve, grad_w[n], ls.shift)
             if opt.reg != "none":  # λ = exp(ρ): dL/dρ = λ dL/dλ
                 g_rho = torch.zeros_like(net.log_lam)
                 g_rho[idx] = dlam * net.lam(n).detach()
@@ -262,7 +267,7 @@ def two_stage_backward(em: EditableModel, net: HyperNet, tuples: Tuples, batch: 
                 pk, pg = net(n, keys[sl], grads[sl])
                 eta = net.eta(n)
                 if opt.shift == "normal":
-                    grad_d = keys[sl] @ m.T  # ∇D for this chunk (Theorem 1), rows = tokens
+                    grad_d = grad_d_all[sl]  # ∇D for this chunk (Theorem 1), rows = tokens
                     proxy = (grad_d * value_diffs(keys[sl], pk, pg, eta)).sum()
                 else:  # tr(∇W̃ᵀ S*_chunk) with S*_chunk = -η Σ_j ∇̃v_j ũ_jᵀ, without forming S*_chunk
                     proxy = -eta * ((pg @ grad_w[n]) * pk).sum()

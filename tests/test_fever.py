@@ -306,7 +306,8 @@ def test_malmen_edits_tiny_bert_through_cls_token(tiny_bert, tmp_path):
 
     task = SyntheticClsTask()
     # a short schedule for a 2-layer model meta-trained on 48 requests (~20 s); measured es 0.03 -> 0.69
-    hp = MalmenHParams(rank=64, edit_lr=1e-3, meta_lr=1e-3, train_edits=16, steps=100, val_every=25, n_val=16)
+    hp = MalmenHParams(rank=64, edit_lr=1e-3, meta_lr=1e-3, train_edits=16, schedule="select", steps=100,
+                       val_every=25, n_val=16)
     ctx = EditorContext(results_dir=tmp_path, task_key="synthetic-cls", model_key=tiny_bert.key, log=lambda s: None)
     ed = MalmenEditor(tiny_bert, hp, ctx)
     assert ed.modules == [f"bert.encoder.layer.{i}.output.dense" for i in range(2)]

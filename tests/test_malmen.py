@@ -105,7 +105,7 @@ def test_meta_training_on_tiny_gpt2_makes_an_editor_and_reuses_its_checkpoint(ti
 
     task = SyntheticTask()
     train, test = task.train_split(), task.sample(32, 0)
-    hp = MalmenHParams(rank=128, meta_lr=1e-3, train_edits=32, steps=40, val_every=40, n_val=32)
+    hp = MalmenHParams(rank=128, meta_lr=1e-3, train_edits=32, schedule="select", steps=40, val_every=40, n_val=32)
     ctx = EditorContext(results_dir=tmp_path, seed=0, model_key=tiny.key, task_key="synthetic", log=lambda s: None)
     ed = MalmenEditor(tiny, hp, ctx)
     untrained = ed.edit(test)
@@ -133,7 +133,7 @@ def test_validation_edits_every_full_batch_of_the_held_out_pool(tiny, tmp_path, 
 
     from tasks.synthetic import SyntheticTask
 
-    hp = MalmenHParams(rank=8, train_edits=8, steps=1, val_every=1, n_val=20, val_batches=val_batches,
+    hp = MalmenHParams(rank=8, train_edits=8, schedule="select", steps=1, val_every=1, n_val=20, val_batches=val_batches,
                        meta_threads=1)
     ctx = EditorContext(results_dir=tmp_path, seed=0, model_key=tiny.key, task_key="synthetic", log=lambda s: None)
     ed = MalmenEditor(tiny, hp, ctx)

@@ -90,27 +90,27 @@ def test_two_stage_independent_of_batching(em):
         assert max(errs.values()) < 1e-10, (mb, ch, errs)
 
 
-def _mutant_no_solve(a, grad_shift, shift, stats=None):
-    m = grad_shift  # forgets (UUᵀ + λI)⁻¹
-    return m, -(m * shift).sum()
+def _mutant_no_solve(rs, grad_shift, shift):
+    grad_d = (rs.keys @ grad_shift.double().T).to(grad_shift.dtype)  # forgets (UUᵀ + λI)⁻¹
+    return grad_d, ORIG(rs, grad_shift, shift)[1]
 
 
-def _mutant_lambda_sign(a, grad_shift, shift, stats=None):
-    m, dlam = ORIG(a, grad_shift, shift, stats)
-    return m, -dlam
+def _mutant_lambda_sign(rs, grad_shift, shift):
+    grad_d, dlam = ORIG(rs, grad_shift, shift)
+    return grad_d, -dlam
 
 
-def _mutant_lambda_missing(a, grad_shift, shift, stats=None):
-    m, dlam = ORIG(a, grad_shift, shift, stats)
-    return m, 0.0 * dlam
+def _mutant_lambda_missing(rs, grad_shift, shift):
+    grad_d, dlam = ORIG(rs, grad_shift, shift)
+    return grad_d, 0.0 * dlam
 
 
-def _mutant_m_transposed_grad(a, grad_shift, shift, stats=None):
-    m, dlam = ORIG(a, grad_shift, shift, stats)
-    return m * 1.01, dlam  # ∇D off by 1%
+def _mutant_m_transposed_grad(rs, grad_shift, shift):
+    grad_d, dlam = ORIG(rs, grad_shift, shift)
+    return grad_d * 1.01, dlam  # ∇D off by 1%
 
 
-ORIG = meta.backprop_normal_equation
+ORIG = meta.ridge_backward
 
 
 @pytest.mark.parametrize("mutant,hit", [
@@ -122,7 +122,7 @@ def test_equivalence_check_catches_wrong_gradients(em, monkeypatch, mutant, hit)
     net, batch, _ = setup(em)
     opt = Options(micro_batch=3, chunk=5)
     naive = grads(em, net, batch, opt, "naive")
-    monkeypatch.setattr(meta, "backprop_normal_equation", mutant)
+    monkeypatch.setattr(meta, "ridge_backward", mutant)
     errs = rel_errors(grads(em, net, batch, opt, "two_stage"), naive)
     assert max(e for k, e in errs.items() if hit in k) > 1e-3, errs
 

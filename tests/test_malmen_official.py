@@ -121,8 +121,8 @@ def test_loss_norms_against_a_hand_computed_two_batch_example(gpt2):
     zero = {n: torch.zeros_like(gpt2.weight(n)) for n in gpt2.module_names(last_n=2)}
     for norm, want in (("official", official), ("sum", summed)):
         opt = Options(loss_norm=norm, lm_batch=2, micro_batch=2)  # micro-batches cut across LM batches
-        got = sum(float(p) for p, _, _ in meta_loss_parts(gpt2, batch, zero, opt))
-        assert got == pytest.approx(float(want), rel=1e-10), norm
+        got = sum(float(p.detach()) for p, _, _ in meta_loss_parts(gpt2, batch, zero, opt))
+        assert got == pytest.approx(float(want.detach()), rel=1e-10), norm
     # the locality KL is weighted the same way: Σ_b mean over b's answer positions
     shift = {n: 0.3 * torch.randn_like(gpt2.weight(n)) for n in gpt2.module_names(last_n=2)}
     enc = gpt2.encode(prompts, targets)
@@ -194,3 +194,43 @@ def test_a_checkpoint_without_statistics_is_never_trusted(gpt2, tmp_path):
     again = MalmenEditor(gpt2, MalmenHParams(rank=8), ctx)
     again.prepare(train)
     assert again.prepare_info()["reused"] is True and again.net.has_statistics()
+
+
+def _rand_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.models import EditableModel
+    from tests.hyper_util import word_tokenizer
+
+    tok = word_tokenizer()
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      bos_token_id=2, eos_token_id=0, pad_token_id=0)
+    return EditableModel(model=LlamaForCausalLM(cfg).double().eval(), tokenizer=tok, name="rand-llama",
+                         arch="llama", key="rand-llama-official")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prefix_reuse_gives_the_full_edited_forward(arch):
+    """The locality pass's edited forward, with the unedited blocks replayed, equals a full edited forward."""
+    from editors.caching import PrefixReuse
+
+    em = random_gpt2(n_layer=4, dtype=torch.float64) if arch == "gpt2" else _rand_llama()
+    modules = em.module_names(last_n=2)
+    reqs = lm_requests(5)
+    batch = em.encode([r.locality_prompt for r in reqs], [r.locality_answer for r in reqs])
+    shift = {n: 0.5 * torch.randn_like(em.weight(n)) for n in modules}
+    prefix = PrefixReuse(em, modules)
+    assert prefix.first == 2
+    with torch.no_grad():
+        with prefix.record():
+            pre = em.answer_logits(batch)
+        with shifted(em, shift), prefix.replay():
+            post = em.answer_logits(batch)
+        with shifted(em, shift):
+            full = em.answer_logits(batch)
+        plain = em.logits(batch)[batch.answer_mask]
+    assert torch.allclose(pre, plain, rtol=1e-12, atol=1e-12)  # answer-position head = full head, rows aligned
+    assert torch.allclose(post, full, rtol=1e-12, atol=1e-12) and not torch.allclose(post, pre)
+    assert all(not type(b).__name__.startswith("_Replay") for b in prefix.blocks)  # blocks restored

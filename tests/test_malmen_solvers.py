@@ -136,3 +136,29 @@ def test_ill_conditioned_system_falls_back_too():
 def test_well_conditioned_system_does_not_warn(recwarn):
     solve_spd(gram(rand(40, 8), 1.0), rand(8, 3))
     assert not [w for w in recwarn if issubclass(w.category, SolverFallbackWarning)]
+
+
+@pytest.mark.parametrize("n, d", [(7, 20), (30, 12)])
+def test_dual_and_primal_ridge_solves_agree_forward_and_backward(n, d):
+    """The push-through form (n x n) gives the same S*, ∇D and dL/dλ as the d x d normal equation."""
+    from editors.solvers import ridge_backward, ridge_shift
+
+    g = torch.Generator().manual_seed(n)
+    keys = torch.randn(n, d, generator=g, dtype=torch.float64)
+    diffs = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    grad_w = torch.randn(5, d, generator=g, dtype=torch.float64)
+    out = {}
+    for form in ("primal", "dual"):
+        shift, rs = ridge_shift(keys, diffs, 0.3, form=form)
+        assert rs.dual == (form == "dual")
+        out[form] = (shift, *ridge_backward(rs, grad_w, shift))
+    for a, b in zip(out["primal"], out["dual"], strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+    # and against autograd through the explicit primal solution
+    lam = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    dd = diffs.clone().requires_grad_(True)
+    s = torch.linalg.solve(keys.T @ keys + lam * torch.eye(d, dtype=torch.float64), keys.T @ dd).T
+    gd, gl = torch.autograd.grad((s * grad_w).sum(), [dd, lam])
+    assert torch.allclose(out["dual"][1], gd, rtol=1e-8) and torch.allclose(out["dual"][2], gl, rtol=1e-8)
+    auto = ridge_shift(keys, diffs, 0.3)[1]
+    assert auto.dual == (n < d)
