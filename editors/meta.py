@@ -30,12 +30,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.metrics import evaluate, relative_residual
+from bench.metrics import Evaluation, agreement, evaluate, relative_residual
 from bench.models import EditableModel
 from bench.progress import open_progress
 from bench.threads import torch_threads
 from editors.base import Edit
-from editors.caching import PrefixReuse, Tuples, cache_tuples, full_precision, micro_batches, shifted, weighted_nll
+from editors.caching import (
+    PrefixReuse,
+    Tuples,
+    cache_tuples,
+    full_precision,
+    micro_batches,
+    shifted,
+    weighted_nll,
+)
 from editors.hypernet import HyperNet
 from editors.lossnorm import LOSS_NORMS, cache_weights, loss_weights
 from editors.solvers import (
@@ -357,25 +365,27 @@ class TrainConfig:
 
 
 def validate(em: EditableModel, net: HyperNet, modules: Sequence[str], batches: Sequence[Sequence[EditRequest]],
-             opt: Options, pre: dict[str, float]) -> dict[str, float]:
+             opt: Options, pre: Evaluation) -> dict[str, float]:
     """ES / GS / LS with the current g_θ, each batch edited at once and scored; score = their mean.
 
-    Metrics are request-weighted means over the batches (all of the held-out pool, not one batch)."""
+    Metrics are request-weighted means over the batches (all of the held-out pool, not one batch);
+    `pre` is the unedited evaluation of the batches' requests in order (for ls_agree, reported only)."""
     net.eval()
-    sums = {"es": 0.0, "gs": 0.0, "ls": 0.0, "mean_residual": 0.0}
+    sums = {"es": 0.0, "gs": 0.0, "ls": 0.0, "mean_residual": 0.0, "ls_agree": 0.0}
     n = 0
     for requests in batches:
         edit = compute_edit(em, net, modules, ([r.prompt for r in requests], [r.target for r in requests]), opt)
         with edit.applied(em.model):
-            post = evaluate(em, requests).metrics
-        post = {k: (post[k] if post[k] == post[k] else 0.0) for k in ("es", "gs", "ls")}  # no rephrases: NaN
+            ev = evaluate(em, requests)
+        post = {k: (ev.metrics[k] if ev.metrics[k] == ev.metrics[k] else 0.0) for k in ("es", "gs", "ls")}
         post["mean_residual"] = edit.mean_residual or 0.0
+        post["ls_agree"] = agreement(pre.loc_pred[n:n + len(requests)], ev.loc_pred)
         for k in sums:
             sums[k] += post[k] * len(requests)
         n += len(requests)
     out = {k: v / n for k, v in sums.items()}
     out["score"] = (out["es"] + out["gs"] + out["ls"]) / 3
-    out["pre_es"], out["pre_ls"] = pre["es"], pre["ls"]
+    out["pre_es"], out["pre_ls"] = pre.metrics["es"], pre.metrics["ls"]
     return out
 
 
@@ -429,7 +439,7 @@ def _meta_train(em: EditableModel, net: HyperNet, modules: Sequence[str], train:
     if cfg.val_batches:
         val_batches = val_batches[:cfg.val_batches]
     val_req = [r for b in val_batches for r in b]
-    pre = evaluate(em, val_req).metrics if val_req else {}
+    pre = evaluate(em, val_req) if val_req else None
     adam = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
     history: list[dict[str, Any]] = []
 

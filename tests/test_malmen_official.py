@@ -15,8 +15,8 @@ from editors.caching import shifted
 from editors.hypernet import HyperNet, LowRankBlock
 from editors.lossnorm import lm_batches, loss_weights
 from editors.malmen import MalmenEditor, MalmenHParams
-from editors.meta import MetaBatch, Options, TrainConfig, cache_edit_tuples, meta_loss_parts, meta_train
 from editors.mend import MendEditor, MendHParams
+from editors.meta import MetaBatch, Options, TrainConfig, cache_edit_tuples, meta_loss_parts, meta_train
 from tests.hyper_util import lm_requests, random_gpt2
 
 

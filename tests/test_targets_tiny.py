@@ -29,9 +29,9 @@ def gate(editor: str, edits: int = 64) -> list[Threshold]:
     return found
 
 
-def run_64(tmp_path: Path, *sets: str) -> dict:
+def run_64(tmp_path: Path, *sets: str, editor: str = "malmen", edits: int = 64) -> dict:
     """`bench run --editor malmen --model tiny-gpt2 --task synthetic --edits 64 --seed 0 --json [--set ...]`."""
-    args = ["run", "--editor", "malmen", "--model", "tiny-gpt2", "--task", "synthetic", "--edits", "64",
+    args = ["run", "--editor", editor, "--model", "tiny-gpt2", "--task", "synthetic", "--edits", str(edits),
             "--seed", "0", "--json", "--results", str(tmp_path), "--cache-dir", str(REPO / "results")]
     for s in sets:
         args += ["--set", s]
@@ -60,6 +60,16 @@ def test_malmen_64_edits_generalise_and_stay_local_and_beat_the_sum_of_shifts(ti
     as_malmen = {**summed, "config": row["config"], "editor": "malmen"}
     assert all(o.passed for o in evaluate(th, [], [row])), evaluate(th, [], [row])
     assert not all(o.passed for o in evaluate(th, [], [as_malmen]))
+
+
+@pytest.mark.slow
+def test_mend_edits_8_facts_and_leaves_the_unrelated_ones(tiny_gpt2, tmp_path):
+    """MEND (every token cached, summed shifts) edits at m = 8 and keeps LS; its checkpoint serves the CI cells."""
+    row = run_64(tmp_path / "mend", editor="mend", edits=8)
+    m = row["metrics"]
+    assert row["config"]["hparams"]["cache"] == "all" and row["info"]["prepare"]["train_edits_shared"] is True
+    assert m["es"] >= m["pre_es"] + 0.5, m
+    assert m["pre_ls"] - m["ls"] <= 0.05, m
 
 
 def zeroed(edit_fn):
