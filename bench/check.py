@@ -26,11 +26,15 @@ Schema (TOML, values of es/gs/ls are fractions in [0, 1] as stored; times in sec
 
 A ratio uses the newest numerator row and the newest denominator row with the same seed, data,
 device and machine, i.e. measured side by side in one sweep. Every threshold needs a matching `ok`
-row; a threshold without one fails. Exit code: 0 all pass, 1 any failure, 2 bad thresholds file.
+row; a threshold without one fails. Exit code: 0 all pass, 1 any failure, 2 bad thresholds file:
+one that is not UTF-8 TOML, breaks the schema, has a NaN or infinite bound (NaN never passes, an
+infinite bound checks nothing), or names an editor, task or `set` key that does not exist (such a
+threshold could never match a row). Model names are not checked: any path or hub id is a model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -39,9 +43,10 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
-from bench.store import ResultStore
+from bench.store import ResultStore, StoreError
 from bench.variants import data_id, matches_set, variant_label
 
 METRICS = ("es", "gs", "ls", "ls_agree", "es_seq", "gs_seq", "ls_seq",
@@ -49,6 +54,8 @@ METRICS = ("es", "gs", "ls", "ls_agree", "es_seq", "gs_seq", "ls_seq",
 TIMES = ("prepare_s", "edit_s", "eval_s")
 TOP_LEVEL = ("peak_mem_prepare_bytes", "peak_mem_edit_bytes", "mean_residual")
 QUANTITIES = METRICS + TIMES + TOP_LEVEL
+SELECTOR_KEYS = frozenset({"task", "model", "editor", "edits", "set", "seed"})
+RATIO_KEYS = frozenset({"task", "model", "edits", "seed", "quantity", "numerator", "denominator", "min", "max"})
 
 
 class ThresholdError(ValueError):
@@ -132,68 +139,129 @@ def _need(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str
     return d[key]
 
 
+def _limit(v: Any, what: str, where: str) -> float:
+    """A bound's value: a finite number (NaN never passes a comparison, and an infinite bound checks nothing)."""
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        raise ThresholdError(f"{where}: {what} must be a number")
+    if not math.isfinite(v):
+        raise ThresholdError(f"{where}: {what} = {v} is not a finite number (nan never passes, inf checks "
+                             "nothing); give a finite bound or remove it")
+    return float(v)
+
+
 def _bounds(d: dict[str, Any], where: str, quantity: str | None = None) -> tuple[Bound, ...]:
     out: list[Bound] = []
     for op in ("min", "max"):
         if op not in d:
             continue
         if quantity is not None:  # a ratio: min/max are numbers
-            out.append(Bound("ratio", op, float(_need(d, op, (int, float), where))))
+            out.append(Bound("ratio", op, _limit(_need(d, op, (int, float), where), f"'{op}'", where)))
             continue
         table = _need(d, op, dict, where)
         for q, v in table.items():
             if q not in QUANTITIES:
                 raise ThresholdError(f"{where}: unknown quantity '{q}' in {op}; choices: {', '.join(QUANTITIES)}")
-            if not isinstance(v, int | float) or isinstance(v, bool):
-                raise ThresholdError(f"{where}: {op}.{q} must be a number")
-            out.append(Bound(q, op, float(v)))
+            out.append(Bound(q, op, _limit(v, f"{op}.{q}", where)))
     if not out:
         raise ThresholdError(f"{where}: needs a 'min' or 'max'")
     return tuple(out)
 
 
-def _selector(d: dict[str, Any], common: dict[str, Any], where: str) -> Selector:
+def _selector(d: dict[str, Any], common: dict[str, Any], where: str, side: bool = False) -> Selector:
     merged = {**common, **d}
-    allowed = {"task", "model", "editor", "edits", "set", "seed", "min", "max", "quantity", "numerator",
-               "denominator"}
+    allowed = SELECTOR_KEYS if side else SELECTOR_KEYS | {"min", "max"}  # a ratio's sides have no bounds
     unknown = sorted(set(d) - allowed)
     if unknown:
-        raise ThresholdError(f"{where}: unknown key(s) {unknown}")
+        raise ThresholdError(f"{where}: unknown key(s) {unknown}; expected {', '.join(sorted(allowed))}")
     seed = merged.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ThresholdError(f"{where}: 'seed' must be an integer")
     sets = merged.get("set", {})
     if not isinstance(sets, dict):
         raise ThresholdError(f"{where}: 'set' must be a table of key = value")
-    return Selector(_need(merged, "task", str, where), _need(merged, "model", str, where),
-                    _need(merged, "editor", str, where), _need(merged, "edits", int, where), dict(sets), seed)
+    sel = Selector(_need(merged, "task", str, where), _need(merged, "model", str, where),
+                   _need(merged, "editor", str, where), _need(merged, "edits", int, where), dict(sets), seed)
+    if sel.n_edits < 1:
+        raise ThresholdError(f"{where}: 'edits' must be at least 1")
+    _check_names(sel, where)
+    return sel
+
+
+def _check_names(sel: Selector, where: str) -> None:
+    """Unknown editor, task or `set` key: the threshold could never match a row, so it is a bad file."""
+    import editors
+    import tasks
+    from bench.variants import _TASK_IO_FIELDS
+
+    for kind, name, registry in (("editor", sel.editor, editors.EDITORS), ("task", sel.task, tasks.TASKS)):
+        if name not in registry:
+            raise ThresholdError(f"{where}: unknown {kind} '{name}'; choices: {', '.join(sorted(registry))}")
+    hp = {f.name for f in dataclasses.fields(editors.EDITORS[sel.editor].hparams_cls)}
+    tc = {f.name for f in dataclasses.fields(tasks.TASKS[sel.task].config_cls)} - set(_TASK_IO_FIELDS)
+    for k in sel.set:
+        if k in _TASK_IO_FIELDS:
+            raise ThresholdError(f"{where}: 'set' key '{k}' is not a variant choice (rows are told apart by "
+                                 "their data's content); remove it")
+        if k not in hp | tc:
+            raise ThresholdError(f"{where}: unknown 'set' key '{k}' for editor '{sel.editor}' / task '{sel.task}'; "
+                                 f"valid: editor {sorted(hp)}, task {sorted(tc)}")
+
+
+def _entries(doc: dict[str, Any], key: str, path: Path) -> list[dict[str, Any]]:
+    """The [[key]] entries of the file, each a table."""
+    v = doc.get(key, [])
+    if not isinstance(v, list):
+        got = f"a single [{key}] table" if isinstance(v, dict) else f"{type(v).__name__} {v!r:.40}"
+        raise ThresholdError(f"{path}: '{key}' must be an array of tables, written [[{key}]]; got {got}")
+    for i, d in enumerate(v):
+        if not isinstance(d, dict):
+            raise ThresholdError(f"{path} {key} #{i + 1} must be a table (under [[{key}]]); got {type(d).__name__}")
+    return v
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The parsed file; ThresholdError when it is missing, not a file, not UTF-8 or not TOML."""
+    if not path.exists():
+        raise ThresholdError(f"{path}: no such thresholds file")
+    if path.is_dir():
+        raise ThresholdError(f"{path}: is a directory, not a thresholds file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ThresholdError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ThresholdError(f"{path}: not UTF-8 (byte 0x{raw[e.start]:02x} on line {line}); "
+                             "TOML files are UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ThresholdError(f"{path}: not valid TOML: {e}") from None
 
 
 def load_thresholds(path: str | Path) -> tuple[list[Threshold], list[Ratio]]:
     """Parse and validate a thresholds file; ThresholdError names the entry and key on any problem."""
     path = Path(path)
-    if not path.exists():
-        raise ThresholdError(f"{path}: no such thresholds file")
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ThresholdError(f"{path}: not valid TOML: {e}") from None
-    if doc.get("schema", 1) != 1:
-        raise ThresholdError(f"{path}: unsupported schema {doc.get('schema')!r} (this bench reads schema 1)")
+    doc = _read_toml(path)
+    schema = doc.get("schema", 1)
+    if isinstance(schema, bool) or schema != 1:
+        raise ThresholdError(f"{path}: unsupported schema {schema!r} (this bench reads schema 1)")
     unknown = sorted(set(doc) - {"schema", "threshold", "ratio"})
     if unknown:
         raise ThresholdError(f"{path}: unknown top-level key(s) {unknown}; expected [[threshold]] and [[ratio]]")
     ths = [Threshold(_selector(d, {}, f"{path} threshold #{i + 1}"), _bounds(d, f"{path} threshold #{i + 1}"))
-           for i, d in enumerate(doc.get("threshold", []))]
+           for i, d in enumerate(_entries(doc, "threshold", path))]
     ratios = []
-    for i, d in enumerate(doc.get("ratio", [])):
+    for i, d in enumerate(_entries(doc, "ratio", path)):
         where = f"{path} ratio #{i + 1}"
+        if unknown := sorted(set(d) - RATIO_KEYS):
+            raise ThresholdError(f"{where}: unknown key(s) {unknown}; expected {', '.join(sorted(RATIO_KEYS))}")
         q = _need(d, "quantity", str, where)
         if q not in QUANTITIES:
             raise ThresholdError(f"{where}: unknown quantity '{q}'; choices: {', '.join(QUANTITIES)}")
         common = {k: d[k] for k in ("task", "model", "edits", "seed") if k in d}
-        num = _selector(_need(d, "numerator", dict, where), common, f"{where} numerator")
-        den = _selector(_need(d, "denominator", dict, where), common, f"{where} denominator")
+        num = _selector(_need(d, "numerator", dict, where), common, f"{where} numerator", side=True)
+        den = _selector(_need(d, "denominator", dict, where), common, f"{where} denominator", side=True)
         ratios.append(Ratio(num, den, q, _bounds(d, where, quantity=q)))
     if not ths and not ratios:
         raise ThresholdError(f"{path}: no [[threshold]] or [[ratio]] entries; nothing would be checked")
@@ -272,7 +340,7 @@ def table(outcomes: list[Outcome], title: str) -> Table:
     """The pass/fail table: measured value, bound and margin (positive = inside the bound)."""
     scopes = sorted({o.scope for o in outcomes})
     one = len(scopes) == 1  # a single model/task goes into the title instead of a column
-    t = Table(title=title + (f" — {scopes[0]}" if one else ""), title_justify="left", box=box.SIMPLE_HEAD,
+    t = Table(title=escape(title + (f" — {scopes[0]}" if one else "")), title_justify="left", box=box.SIMPLE_HEAD,
               pad_edge=False, collapse_padding=True, caption_justify="left",
               caption="margin > 0: inside the bound; ES/GS/LS as fractions; failures are explained below")
     cols = [("result", True), ("model/task", False), ("runs", False), ("quantity", True), ("measured", True),
@@ -282,7 +350,7 @@ def table(outcomes: list[Outcome], title: str) -> Table:
             t.add_column(c, justify="right" if num and c != "quantity" else "left", no_wrap=num, overflow="fold")
     for o in outcomes:
         op = ">=" if o.bound.op == "min" else "<="
-        cells = ["[green]pass[/]" if o.passed else "[bold red]FAIL[/]", o.scope, o.what, o.quantity,
+        cells = ["[green]pass[/]" if o.passed else "[bold red]FAIL[/]", escape(o.scope), escape(o.what), o.quantity,
                  "-" if o.measured is None else f"{o.measured:.4g}", f"{op} {o.bound.limit:.4g}",
                  "-" if o.margin is None else f"{o.margin:+.3g}"]
         t.add_row(*(cells[:1] + cells[2:] if one else cells))
@@ -301,7 +369,10 @@ def check(
         ths, ratios = load_thresholds(thresholds)
     except ThresholdError as e:
         fail(str(e), 2)
-    rows = list(ResultStore(results).rows())
+    try:
+        rows = list(ResultStore(results).rows())
+    except StoreError as e:
+        fail(str(e), 2)
     outcomes = evaluate(ths, ratios, rows)
     n_fail = sum(not o.passed for o in outcomes)
     title = (f"bench check: {thresholds} against {results / 'runs.jsonl'} — "

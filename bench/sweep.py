@@ -4,7 +4,9 @@ Sharing: one `ModelCache` loads each model once for the whole grid; hyper-networ
 MEMIT statistics are cached by a hash that does not include the number of edits, so they are
 computed once (per seed for meta-training) and reused by the other cells. Cells stored `ok` are
 skipped by `execute`, so an interrupted sweep resumes where it stopped. A failed cell is stored as
-`failed` and the sweep goes on; the exit code is the number of failed cells (at most 125).
+`failed` and the sweep goes on; the exit code is the number of failed cells (at most 125). The
+result and cache folders are checked before the first cell; a row that cannot be written (disk
+full, file-size limit) stops the sweep with exit 1, since every later row would be lost too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     Progress,
     TaskID,
@@ -26,7 +29,7 @@ from rich.table import Table
 
 from bench import config as C
 from bench.progress import progress_factory
-from bench.store import ResultStore
+from bench.store import ResultStore, StoreError, StoreWriteError, ensure_dir
 
 MAX_EXIT = 125  # exit codes above 125 mean "killed by a signal" to shells
 
@@ -149,8 +152,9 @@ def run_sweep(
 ) -> list[CellResult]:
     """Run every config through `run` (default `bench.run.execute`) with one shared model cache.
 
-    Every config is resolved first, so a bad name or `--set` key stops the sweep before anything runs
-    (UserError). KeyboardInterrupt stops it too; rerunning resumes from the store.
+    Every config is resolved and the folders are checked first, so a bad name or `--set` key (UserError)
+    or an unusable --results / --cache-dir (StoreError) stops the sweep before anything runs. A row that
+    cannot be stored (StoreWriteError) and KeyboardInterrupt stop it too; rerunning resumes from the store.
     """
     from bench.run import ModelCache, RunFailed, UserError, execute, resolve  # torch: only when a sweep runs
 
@@ -159,6 +163,9 @@ def run_sweep(
     store = ResultStore(results_dir)
     stored = set() if force else {r["config_hash"] for r in store.rows() if r.get("status") == "ok"}
     hashes = [resolve(c).config_hash for c in cfgs]  # raises UserError before any run
+    store.ensure_writable()
+    if cache_dir is not None:
+        ensure_dir(cache_dir, "--cache-dir")
     todo = [h not in stored for h in hashes]
     models = ModelCache()
     results: list[CellResult] = []
@@ -166,11 +173,14 @@ def run_sweep(
     with sweep_progress(console, show_progress) as prog:
         grid_bar = prog.add_task("sweep", total=len(cfgs), status="", eta_s=None)
 
-        def log(msg: str) -> None:
-            prog.console.print(msg, highlight=False)
+        def log(msg: str) -> None:  # the editors' plain-text lines (paths, names): printed literally
+            prog.console.print(msg, highlight=False, markup=False)
+
+        def note(markup: str) -> None:  # the sweep's own styled lines; user text in them is escaped
+            prog.console.print(markup, highlight=False)
 
         for i, cfg in enumerate(cfgs):
-            prog.update(grid_bar, status=f"running {cell_name(cfg)}")
+            prog.update(grid_bar, status=f"running {escape(cell_name(cfg))}")
             t0 = time.perf_counter()
             try:
                 row, skipped = run(cfg, results_dir, force=force, progress=lambda: NestedProgress(prog),
@@ -184,12 +194,12 @@ def run_sweep(
             results.append(res)
             if res.status != "skipped":
                 ran_s.append(res.seconds)
-            log(describe(res))
+            note(describe(res))
             if res.row is not None and res.row.get("config_hash") != hashes[i]:
                 # e.g. an editors/hparams/<editor>/<model>.json edited while the sweep ran: the cell is
                 # stored under its actual config, but it no longer shares a checkpoint with the others
-                log(f"[yellow]! {cell_name(cfg)}: its config changed since the sweep started "
-                    f"(hash {hashes[i]} -> {res.row['config_hash']}); defaults or data were edited meanwhile[/]")
+                note(f"[yellow]! {escape(cell_name(cfg))}: its config changed since the sweep started "
+                     f"(hash {hashes[i]} -> {res.row['config_hash']}); defaults or data were edited meanwhile[/]")
             left = sum(todo[i + 1 :])
             eta = sum(ran_s) / len(ran_s) * left if ran_s else (0.0 if left == 0 else None)
             prog.update(grid_bar, advance=1, eta_s=eta, status="")
@@ -197,12 +207,12 @@ def run_sweep(
 
 
 def describe(res: CellResult) -> str:
-    """One log line per finished cell."""
-    name = cell_name(res.cfg)
+    """One log line per finished cell, as rich markup (user text escaped)."""
+    name = escape(cell_name(res.cfg))
     if res.status == "skipped":
-        return f"[dim]= {name}: already stored ok (run {res.row['run_id'][:8]}), skipped[/]"
+        return f"[dim]= {name}: already stored ok (run {escape(res.row['run_id'][:8])}), skipped[/]"
     if res.failed:
-        return f"[red]x {name}: {res.status}: {res.error}[/]"
+        return f"[red]x {name}: {res.status}: {escape(str(res.error))}[/]"
     m = res.row["metrics"]
     return (f"[green]✓[/] {name}: ES {100 * m['es']:.1f}  GS {100 * m['gs']:.1f}  LS {100 * m['ls']:.1f}  "
             f"({res.seconds:.1f} s; edit {res.row['times']['edit_s']:.2f} s, "
@@ -235,7 +245,7 @@ def summary(results: Sequence[CellResult], title: str) -> Table:
         m = r.row["metrics"] if ok else {}
         pct = [f"{100 * m[k]:.1f}" if isinstance(m.get(k), int | float) else "-" for k in ("es", "gs", "ls", "ls_agree")]
         edit_s = r.row["times"].get("edit_s") if ok else None
-        t.add_row(r.cfg.editor, str(r.cfg.seed), str(r.cfg.n_edits), f"[{style[r.status]}]{r.status}[/]", *pct,
+        t.add_row(escape(r.cfg.editor), str(r.cfg.seed), str(r.cfg.n_edits), f"[{style[r.status]}]{r.status}[/]", *pct,
                   "-" if edit_s is None else f"{edit_s:.3g}", prepare_source(r.row, short=True) if ok else "-")
     return t
 
@@ -271,12 +281,14 @@ def sweep(
                     data=str(data) if data else None, train_data=str(train_data) if train_data else None,
                     skip_bad=skip_bad)
         res = run_sweep(cfgs, results, cache_dir=cache_dir, force=force, console=err)
-    except (UserError, ValueError) as e:
+    except StoreWriteError as e:  # a finished cell's row is lost; the next cells would lose theirs too
+        fail(str(e), 1)
+    except (UserError, ValueError, StoreError) as e:
         fail(str(e), 2)
     except KeyboardInterrupt:
         fail("interrupted; finished cells are stored, rerun the same command to resume", 130)
     n = {s: sum(r.status == s for r in res) for s in ("ok", "skipped", "failed", "error")}
     title = (f"sweep {model} / {task}: {len(res)} cells — {n['ok']} ran ok, {n['skipped']} already stored, "
              f"{n['failed'] + n['error']} failed   (store: {results / 'runs.jsonl'})")
-    out.print(summary(res, title))
+    out.print(summary(res, escape(title)))
     raise typer.Exit(exit_code(res))

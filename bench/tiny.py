@@ -5,8 +5,9 @@ layout) with a word-level tokenizer over the world's vocabulary (one token per w
 outside it map to `[UNK]`, which is what the zsRE path sees). It is trained on every fact in
 every template for the whole cosine schedule (`max_epochs`; `target_acc` can stop it early), then
 scored with `bench.metrics.score_lm`. Weights (safetensors), tokenizer and a JSON sidecar live in
-`<results>/models/tiny-gpt2-<hash>/`, where the hash covers the world, model and training
-configs; a second load reuses them. Training uses a fixed seed of its own (not the run seed), so
+`<results>/models/tiny-gpt2-<hash>/` (one cache entry, bench/cachefs.py: verified on load, moved
+aside and retrained when broken), where the hash covers the world, model and training configs; a
+second load reuses them. Training uses a fixed seed of its own (not the run seed), so
 every run of every seed edits the same model.
 
 Training choices (measured on the shared 2-core machine, see `TinyTrainConfig`): next-token loss
@@ -18,15 +19,10 @@ intra-op thread, dropout off (the point is memorisation).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.cachefs import ensure_entry
 from bench.machine import cpu_env
 from bench.models import EditableModel, LoadContext
 from bench.progress import open_progress
@@ -42,6 +39,7 @@ from tasks.synthetic import SyntheticConfig, World, build_world
 
 SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 FORMAT = 2  # bump when the training code changes what a given config produces
+META = "tiny.json"  # the training record (sidecar) of a cached model
 
 
 @dataclass(frozen=True)
@@ -233,43 +231,27 @@ def _train(spec: TinySpec, progress: Any, log: Any) -> tuple[EditableModel, dict
     return em, record
 
 
-@contextmanager
-def _locked(path: Path):
-    """Exclusive file lock, so parallel processes (tests, CLI) train a missing model only once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def model_dir(results_dir: Path, spec: TinySpec) -> Path:
     """Cache folder of the model `spec` describes."""
     return Path(results_dir) / "models" / f"tiny-gpt2-{spec.key()}"
 
 
 def load_tiny(results_dir: Path, spec: TinySpec | None = None, progress: Any = None) -> EditableModel:
-    """Load the tiny GPT-2 of `spec` from the cache, training and saving it first if missing."""
+    """Load the tiny GPT-2 of `spec` from the cache, training and saving it first if missing or broken."""
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
     spec = spec or TinySpec()
     out = model_dir(results_dir, spec)
-    meta = out / "tiny.json"
-    if not meta.exists():
-        with _locked(out.parent / f".{out.name}.lock"):
-            if not meta.exists():  # another process may have trained it while we waited
-                print(f"Training tiny-gpt2 ({spec.key()}) on the synthetic world; cached in {out}")
-                em, record = train_tiny(spec, progress)
-                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-                em.model.save_pretrained(tmp, safe_serialization=True)
-                em.tokenizer.save_pretrained(tmp)
-                (tmp / "tiny.json").write_text(json.dumps(record, indent=1, sort_keys=True))
-                if out.exists():  # a partial folder from a killed process
-                    shutil.rmtree(out)
-                os.replace(tmp, out)
-    record = json.loads(meta.read_text())
+
+    def fill(tmp: Path) -> None:
+        print(f"Training tiny-gpt2 ({spec.key()}) on the synthetic world; cached in {out}")
+        em, record = train_tiny(spec, progress)
+        em.model.save_pretrained(tmp, safe_serialization=True)
+        em.tokenizer.save_pretrained(tmp)
+        (tmp / META).write_text(json.dumps(record, indent=1, sort_keys=True))
+
+    ensure_entry(out, fill, required=(META, "model.safetensors"))  # locked: parallel processes train once
+    record = json.loads((out / META).read_text())
     model = GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32)
     tok = PreTrainedTokenizerFast.from_pretrained(out)
     info = {k: record[k] for k in ("acc_template0", "acc_rephrase", "acc_counterfactual", "train_s", "train_cpu_s",

@@ -1,12 +1,13 @@
-"""Hyper-network checkpoints: safetensors weights + JSON sidecar under `<cache>/checkpoints/<hash>/`."""
+"""Hyper-network checkpoints: safetensors weights + JSON sidecar under `<cache>/checkpoints/<hash>/`.
+
+Each checkpoint is one cache entry (bench/cachefs.py): written atomically with a manifest of sha256s,
+verified on load, moved aside and retrained when broken.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from bench.cachefs import check_entry, write_entry
 from tasks.base import EditRequest
 
 WEIGHTS = "hypernet.safetensors"
@@ -41,24 +43,18 @@ def checkpoint_dir(results_dir: Path, key: str) -> Path:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-    """(state dict, sidecar) of a complete checkpoint, or None if there is none."""
-    w, s = path / WEIGHTS, path / SIDECAR
-    if not (w.exists() and s.exists()):
+    """(state dict, sidecar) of a complete, verified checkpoint; None if absent or broken (then moved aside)."""
+    if not check_entry(Path(path), required=(WEIGHTS, SIDECAR)):
         return None
-    return load_file(str(w)), json.loads(s.read_text())
+    return load_file(str(path / WEIGHTS)), json.loads((path / SIDECAR).read_text())
 
 
 def save_checkpoint(path: Path, state: dict[str, Tensor], sidecar: dict[str, Any]) -> None:
-    """Write weights and sidecar into a temporary folder, then rename it into place (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    """Write weights and sidecar as one cache entry (bench/cachefs.py); a valid one already there is kept."""
+
+    def fill(tmp: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS))
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1, sort_keys=True, default=str))
-        if path.exists():  # a concurrent run finished first; its checkpoint is equivalent
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_entry(Path(path), fill)  # a concurrent run that finished first wrote an equivalent checkpoint
+

@@ -66,7 +66,7 @@ from bench.metrics import relative_residual
 from bench.models import EditableModel, LMBatch
 from bench.progress import open_progress
 from editors.base import Edit, Editor, UnsupportedTask, register_editor
-from editors.solvers import SolveStats, solve_spd
+from editors.solvers import SolveStats, require_finite, solve_spd
 from editors.stats import LayerStats, corpus_for, layer_second_moments
 from editors.zcache import PrefixCache
 from tasks.base import EditRequest
@@ -479,7 +479,8 @@ class MEMIT(Editor):
                 for i, layer in enumerate(layers):
                     k, h = self.keys_and_hidden(requests, layer, last_block)
                     r = (z - h).double() / (len(layers) - i)
-                    dw = self.layer_update(k.double(), r, self._stats[layer].mom2, hp.mom2_update_weight, stats)
+                    dw = self.layer_update(k.double(), r, self._stats[layer].mom2, hp.mom2_update_weight, stats,
+                                           layer=layer)
                     residuals.append(relative_residual(dw, k.double(), r))
                     # Later layers' keys and residuals are read on the model with this update applied.
                     deltas[names[i]] = em.to_param_layout(layer, dw.to(params[names[i]].dtype))
@@ -497,10 +498,13 @@ class MEMIT(Editor):
 
     @staticmethod
     def layer_update(keys: Tensor, resid: Tensor, mom2: Tensor, weight: float,
-                     stats: SolveStats | None = None) -> Tensor:
-        """ΔW = R Kᵀ (w·C + K Kᵀ)⁻¹ (d_out, d_in) for keys (m, d_in) and residuals (m, d_out), in float64."""
+                     stats: SolveStats | None = None, layer: str = "") -> Tensor:
+        """ΔW = R Kᵀ (w·C + K Kᵀ)⁻¹ (d_out, d_in) for keys (m, d_in) and residuals (m, d_out), in float64.
+
+        NaN/Inf in keys, residuals or statistics raise NonFiniteInputError naming `layer`."""
+        require_finite(layer, keys=keys, residuals=resid, key_statistics=mom2)
         k = keys.double()
         a = weight * mom2.to(device=k.device, dtype=torch.float64) + k.T @ k
-        x = solve_spd(a, k.T, stats)  # (d_in, m) = A⁻¹ Kᵀ (A symmetric)
+        x = solve_spd(a, k.T, stats, layer=layer)  # (d_in, m) = A⁻¹ Kᵀ (A symmetric)
         return resid.double().T @ x.T
 

@@ -50,6 +50,7 @@ from editors.solvers import (
     RidgeSolve,
     SolveStats,
     gram,
+    require_finite,
     ridge_backward,
     ridge_shift,
     solve_spd,
@@ -154,8 +155,10 @@ def layer_shift(net: HyperNet, name: str, keys: Tensor, grads: Tensor, opt: Opti
     lam = None if opt.reg == "none" else net.lam(name)
     if torch.is_grad_enabled():  # naive meta-gradient: autograd through the primal solve
         a = gram(keys, lam)  # float64, see solvers.gram
-        return LayerShift(solve_spd(a, keys.double().T @ diffs.double(), stats).T.to(diffs.dtype), keys, diffs, None)
-    shift, solve = ridge_shift(keys, diffs, lam, stats)
+        require_finite(name, keys=keys, value_differences=diffs)
+        rhs = keys.double().T @ diffs.double()
+        return LayerShift(solve_spd(a, rhs, stats, layer=name).T.to(diffs.dtype), keys, diffs, None)
+    shift, solve = ridge_shift(keys, diffs, lam, stats, layer=name)
     return LayerShift(shift, keys, diffs, solve)
 
 

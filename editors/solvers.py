@@ -25,6 +25,28 @@ from torch import Tensor
 _COND_FRACTION = 1e-2
 
 
+class NonFiniteInputError(FloatingPointError):
+    """NaN or Inf reached a solve; the message names the layer and the operand (the run fails, stored)."""
+
+
+def require_finite(layer: str, **operands: Tensor | float | None) -> None:
+    """Raise NonFiniteInputError naming `layer` and each operand (keyword name) holding NaN or Inf.
+
+    LAPACK/MKL given NaN fails with an opaque error (DGELSD, "INTERNAL ASSERT FAILED") or returns NaN.
+    """
+    bad = []
+    for name, x in operands.items():
+        if x is None:
+            continue
+        t = torch.as_tensor(x).detach()
+        n_bad = int((~torch.isfinite(t)).sum())
+        if n_bad:
+            bad.append(f"{name.rstrip('_').replace('_', ' ')} ({n_bad} of {t.numel()} values NaN/Inf)")
+    if bad:
+        where = f"layer {layer}" if layer else "a layer"
+        raise NonFiniteInputError(f"non-finite input to the solve of {where}: {'; '.join(bad)}")
+
+
 class SolverFallbackWarning(RuntimeWarning):
     """The Cholesky solve failed or was ill-conditioned; float64 least squares was used."""
 
@@ -59,18 +81,20 @@ class SPDFactor:
 
     a64: Tensor
     chol: Tensor | None  # None: Cholesky failed or was ill-conditioned; solves use float64 lstsq
+    layer: str = ""  # named in errors
 
     def solve(self, b: Tensor) -> Tensor:
         """X with A X = B, in B's dtype (differentiable when A or B carry a graph)."""
         b64 = b.double()
         if self.chol is not None:
             return torch.cholesky_solve(b64, self.chol).to(b.dtype)
+        require_finite(self.layer, right_hand_side=b64)  # gelsd fails opaquely on NaN
         # gelsd (SVD-based, handles rank deficiency) exists on CPU only; the fallback is rare.
         x = torch.linalg.lstsq(self.a64.cpu(), b64.cpu(), driver="gelsd").solution
         return x.to(device=b.device, dtype=b.dtype)
 
 
-def factorise(a: Tensor, stats: SolveStats | None = None) -> SPDFactor:
+def factorise(a: Tensor, stats: SolveStats | None = None, layer: str = "") -> SPDFactor:
     """Cholesky-factorise symmetric positive (semi-)definite A once; warn and fall back when it fails.
 
     MALMEN solves with the same A twice per layer and step (the shift, then Algorithm 2's
@@ -79,11 +103,12 @@ def factorise(a: Tensor, stats: SolveStats | None = None) -> SPDFactor:
     if stats is not None:
         stats.calls += 1
     a64 = a.double()
+    require_finite(layer, normal_equation_matrix=a64)
     chol, info = torch.linalg.cholesky_ex(a64)
     if int(info) == 0:
         limit = _COND_FRACTION / torch.finfo(torch.float64).eps
         if bool(torch.isfinite(chol).all()) and float(_cond_lower_bound(chol.detach())) < limit:
-            return SPDFactor(a64, chol)
+            return SPDFactor(a64, chol, layer)
         reason = "ill-conditioned"
     else:
         reason = f"not positive definite (leading minor {int(info)})"
@@ -93,22 +118,23 @@ def factorise(a: Tensor, stats: SolveStats | None = None) -> SPDFactor:
         f"normal-equation matrix ({a.shape[0]}x{a.shape[0]}) is {reason}; "
         "falling back to float64 least squares", SolverFallbackWarning, stacklevel=3,
     )
-    return SPDFactor(a64, None)
+    return SPDFactor(a64, None, layer)
 
 
-def solve_spd(a: Tensor, b: Tensor, stats: SolveStats | None = None) -> Tensor:
+def solve_spd(a: Tensor, b: Tensor, stats: SolveStats | None = None, layer: str = "") -> Tensor:
     """X with A X = B for symmetric positive (semi-)definite A: Cholesky, else float64 lstsq + warning.
 
     Differentiable on both paths (autograd of cholesky_solve / lstsq), so the naive meta-gradient
     can flow through it.
     """
-    return factorise(a, stats).solve(b)
+    return factorise(a, stats, layer).solve(b)
 
 
 def normal_equation_shift(keys: Tensor, diffs: Tensor, lam: Tensor | float | None,
-                          stats: SolveStats | None = None) -> Tensor:
+                          stats: SolveStats | None = None, layer: str = "") -> Tensor:
     """S* (d', d) minimising ||S Kᵀ - Dᵀ||² + λ||S||² for keys (n, d) and value differences (n, d')."""
-    return solve_spd(gram(keys, lam), keys.double().T @ diffs.double(), stats).T.to(diffs.dtype)
+    require_finite(layer, keys=keys, value_differences=diffs, lambda_=lam)
+    return solve_spd(gram(keys, lam), keys.double().T @ diffs.double(), stats, layer).T.to(diffs.dtype)
 
 
 def sum_shift(pseudo_keys: Tensor, pseudo_grads: Tensor, lr: Tensor | float) -> Tensor:
@@ -154,21 +180,22 @@ class RidgeSolve:
 
 
 def ridge_shift(keys: Tensor, diffs: Tensor, lam: Tensor | float | None,
-                stats: SolveStats | None = None, form: str = "auto") -> tuple[Tensor, RidgeSolve]:
+                stats: SolveStats | None = None, form: str = "auto", layer: str = "") -> tuple[Tensor, RidgeSolve]:
     """S* (d', d) in `diffs`' dtype and the solve kept for the backward; dual when n < d and λ > 0.
 
     `lam=None` (`reg=none`) always takes the primal form, whose singular d x d system the
     float64 least-squares fallback handles (and reports) as before. `form` = "primal" / "dual"
-    forces one form (tests compare them).
+    forces one form (tests compare them). `layer` is named in the error when an operand holds NaN/Inf.
     """
+    require_finite(layer, keys=keys, value_differences=diffs, lambda_=lam)
     k = keys.double()
     n, d = k.shape
     if lam is not None and (form == "dual" or (form == "auto" and n < d)):
         g = k @ k.T + lam * torch.eye(n, dtype=k.dtype, device=k.device)
-        factor = factorise(g, stats)
+        factor = factorise(g, stats, layer)
         z = factor.solve(diffs.double())
         return (z.T @ k).to(diffs.dtype), RidgeSolve(k, factor, True, z)
-    factor = factorise(gram(k, lam), stats)
+    factor = factorise(gram(k, lam), stats, layer)
     return factor.solve(k.T @ diffs.double()).T.to(diffs.dtype), RidgeSolve(k, factor, False)
 
 

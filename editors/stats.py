@@ -5,11 +5,12 @@ moment of the keys the layer already stores, estimated over generic text (the ME
 uses 100,000 Wikipedia samples). Here every non-padding token of every corpus text contributes
 one key; the sum of outer products is accumulated in float64 and divided by the token count.
 
-Cache layout (never pickle, never downloaded):
-`<results_dir>/stats/<model-key-sanitised>/<layer>/<corpus>-<n>.safetensors` holds `mom2` (float32,
-as MEMIT's `mom2_dtype`) and a JSON sidecar (same stem, `.json`) naming the model key, layer,
-corpus digest, text count, token count and truncation length; a file is reused only when the
-sidecar matches all of them.
+Cache layout (never pickle, never downloaded): one cache entry (bench/cachefs.py) per layer,
+`<results_dir>/stats/<model-key-sanitised>/<layer>/<corpus>-<n>/`, holding `mom2.safetensors`
+(`mom2`, float32 as MEMIT's `mom2_dtype`), a JSON sidecar `mom2.json` naming the model key, layer,
+corpus digest, text count, token count and truncation length, and the manifest with both files'
+sha256. Tensor and sidecar appear together in one rename; an entry is reused only when it verifies
+and the sidecar matches all of the settings, and is replaced when computed with other settings.
 
 Corpora:
 - `synthetic`: the tiny GPT-2's own training text (`tasks.synthetic.build_world(...).corpus()`):
@@ -23,9 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from bench.cachefs import check_entry, write_entry
 from bench.models import EditableModel
 from bench.progress import open_progress
 from tasks.base import DATA_DIR, read_records
@@ -109,9 +109,18 @@ def sanitise(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
 
+TENSOR = "mom2.safetensors"
+SIDECAR = "mom2.json"
+
+
+def stats_entry(results_dir: Path, model_key: str, layer: str, corpus: str, n: int) -> Path:
+    """The cache entry (bench/cachefs.py) holding the statistics of one layer."""
+    return Path(results_dir) / "stats" / sanitise(model_key) / layer / f"{corpus}-{n}"
+
+
 def stats_path(results_dir: Path, model_key: str, layer: str, corpus: str, n: int) -> Path:
-    """Where the statistics of one layer live."""
-    return Path(results_dir) / "stats" / sanitise(model_key) / layer / f"{corpus}-{n}.safetensors"
+    """The statistics file of one layer (inside its entry; the sidecar is the same stem with `.json`)."""
+    return stats_entry(results_dir, model_key, layer, corpus, n) / TENSOR
 
 
 @dataclass
@@ -121,7 +130,7 @@ class LayerStats:
     mom2: Tensor  # (d_in, d_in) float32
     n_tokens: int
     reused: bool
-    path: Path
+    path: Path  # the cache entry (folder) it was read from or written to
 
 
 def _sidecar(em: EditableModel, layer: str, corpus: Corpus, n: int, max_length: int) -> dict[str, Any]:
@@ -130,28 +139,30 @@ def _sidecar(em: EditableModel, layer: str, corpus: Corpus, n: int, max_length: 
             "max_length": max_length, "stat": "uncentred second moment E[k k^T] of the layer input"}
 
 
-def _try_load(path: Path, expect: dict[str, Any]) -> LayerStats | None:
-    meta_path = path.with_suffix(".json")
-    if not (path.exists() and meta_path.exists()):
+def _matching_meta(entry: Path, expect: dict[str, Any]) -> dict[str, Any] | None:
+    """The sidecar of a verified entry if it was computed with the settings `expect`; else None."""
+    if not check_entry(entry, required=(TENSOR, SIDECAR)):  # absent, or broken and moved aside
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if any(meta.get(k) != v for k, v in expect.items()):
-        return None
-    return LayerStats(load_file(path)["mom2"], int(meta["n_tokens"]), True, path)
+    meta = json.loads((entry / SIDECAR).read_text())
+    return meta if all(meta.get(k) == v for k, v in expect.items()) else None
 
 
-def _save(path: Path, mom2: Tensor, meta: dict[str, Any]) -> None:
-    """Write tensor then sidecar, each atomically (temp file + rename); the sidecar marks completeness."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for target, write in ((path, lambda p: save_file({"mom2": mom2.contiguous()}, str(p))),
-                          (path.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(meta, indent=1)))):
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, target)
+def _try_load(entry: Path, expect: dict[str, Any]) -> LayerStats | None:
+    meta = _matching_meta(entry, expect)
+    if meta is None:
+        return None
+    return LayerStats(load_file(entry / TENSOR)["mom2"], int(meta["n_tokens"]), True, entry)
+
+
+def _save(entry: Path, mom2: Tensor, meta: dict[str, Any], expect: dict[str, Any]) -> None:
+    """Write tensor and sidecar as one entry (one rename); an entry of other settings is replaced."""
+
+    def fill(tmp: Path) -> None:
+        save_file({"mom2": mom2.contiguous()}, str(tmp / TENSOR))
+        (tmp / SIDECAR).write_text(json.dumps(meta, indent=1))
+
+    # an entry with these settings written meanwhile by a parallel run is equivalent and kept
+    write_entry(entry, fill, replace=_matching_meta(entry, expect) is None)
 
 
 class _Done(Exception):
@@ -223,8 +234,8 @@ def layer_second_moments(em: EditableModel, layers: Sequence[str], corpus: Corpu
     out: dict[str, LayerStats] = {}
     missing: list[str] = []
     for layer in layers:
-        path = stats_path(results_dir, key, layer, corpus.name, n)
-        hit = _try_load(path, _sidecar(em, layer, corpus, n, max_length))
+        entry = stats_entry(results_dir, key, layer, corpus.name, n)
+        hit = _try_load(entry, _sidecar(em, layer, corpus, n, max_length))
         if hit is None:
             missing.append(layer)
         else:
@@ -233,7 +244,8 @@ def layer_second_moments(em: EditableModel, layers: Sequence[str], corpus: Corpu
         sums, n_tokens = compute_second_moments(em, missing, corpus.texts[:n], batch_size, max_length, progress)
         for layer in missing:
             mom2 = (sums[layer] / n_tokens).float().cpu()
-            path = stats_path(results_dir, key, layer, corpus.name, n)
-            _save(path, mom2, {**_sidecar(em, layer, corpus, n, max_length), "n_tokens": n_tokens})
-            out[layer] = LayerStats(mom2, n_tokens, False, path)
+            entry = stats_entry(results_dir, key, layer, corpus.name, n)
+            expect = _sidecar(em, layer, corpus, n, max_length)
+            _save(entry, mom2, {**expect, "n_tokens": n_tokens}, expect)
+            out[layer] = LayerStats(mom2, n_tokens, False, entry)
     return {layer: out[layer] for layer in layers}

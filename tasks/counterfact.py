@@ -43,6 +43,12 @@ ROME_TOP_SPEC = [
 ]
 ROME_REWRITE_SPEC = [Field("prompt"), Field("subject")]
 ROME_TARGET_SPEC = [Field("str")]
+# EditRequest field -> record field, for errors found after conversion (e.g. too long for the model)
+EASYEDIT_FIELDS = {"rephrases": "rephrase_prompt", "locality_answer": "locality_ground_truth",
+                   "target": "target_new"}
+ROME_FIELDS = {"prompt": "requested_rewrite.prompt", "target": "requested_rewrite.target_new.str",
+               "rephrases": "paraphrase_prompts[]", "locality_prompt": "neighborhood_prompts[0]",
+               "locality_answer": "requested_rewrite.target_true.str"}
 
 
 @dataclass
@@ -96,6 +102,6 @@ class CounterFact(FileTask):
     def formats(self) -> list[RecordFormat]:
         """ROME schema if the first record has `requested_rewrite`, else EasyEdit."""
         return [
-            RecordFormat("rome", ("requested_rewrite",), check_rome, convert_rome),
-            RecordFormat("easyedit", ("prompt", "target_new"), check_easyedit, convert_easyedit),
+            RecordFormat("rome", ("requested_rewrite",), check_rome, convert_rome, ROME_FIELDS),
+            RecordFormat("easyedit", ("prompt", "target_new"), check_easyedit, convert_easyedit, EASYEDIT_FIELDS),
         ]

@@ -59,6 +59,7 @@ from tasks.base import (
     Task,
     TaskConfig,
     check_record,
+    is_blank,
     read_records,
     register_task,
     validate_records,
@@ -158,7 +159,7 @@ def _check_kilt(path: str | Path, i: int, rec: Any) -> None:
             raise DataError(path, i, f, "expected a list")
     for j, alt in enumerate(rec["alternatives"]):
         parse_label(path, i, f"alternatives[{j}]", alt)
-    if not all(isinstance(x, str) and x.strip() for x in rec["filtered_rephrases"]):
+    if not all(isinstance(x, str) and not is_blank(x) for x in rec["filtered_rephrases"]):
         raise DataError(path, i, "filtered_rephrases", "expected a list of non-empty strings")
 
 
@@ -190,7 +191,7 @@ def detect_format(path: str | Path, records: list[Any]) -> str:
 
 def read_fever_file(path: str | Path, skip_bad: bool) -> tuple[list[_Claim], dict[str, Any], int]:
     """Read a user or shipped file: (normalised records, data_info facts, number skipped as bad)."""
-    records = read_records(path)
+    records = read_records(path, skip_bad)
     fmt = detect_format(path, records)
     check = {"malmen": _check_malmen, "kilt": _check_kilt, "fever": _check_fever}[fmt]
     valid = validate_records(path, records, check, skip_bad)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,7 +21,9 @@ from tasks.base import (
     DataError,
     EditRequest,
     Field,
+    Origin,
     Task,
+    Unparsed,
     check_record,
     read_records,
     split_indices,
@@ -38,6 +40,8 @@ class RecordFormat:
     marker_fields: tuple[str, ...]  # all present in a file's first record -> this format
     check: Callable[[str | Path, int, Any], None]
     convert: Callable[[dict], EditRequest]
+    # EditRequest field -> the record's field, for errors found after conversion ("[]": list item)
+    fields: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,6 +55,7 @@ class LoadedFile:
     indices: list[int]  # position in the file of each request
     requests: list[EditRequest]
     skipped: int
+    fields: dict[str, str] = field(default_factory=dict)  # RecordFormat.fields of its format
 
 
 def file_sha256(path: Path) -> str:
@@ -76,24 +81,26 @@ def check_nested(path: str | Path, index: int, rec: dict, key: str, spec: Sequen
 
 
 def detect_format(path: Path, records: Sequence[Any], formats: Sequence[RecordFormat], task: str) -> RecordFormat:
-    """The format whose marker fields the file's first record has; a clear error otherwise."""
-    first = records[0]
+    """The format whose marker fields the file's first readable record has; a clear error otherwise."""
+    at, first = next(((i, r) for i, r in enumerate(records) if not isinstance(r, Unparsed)), (0, records[0]))
+    if isinstance(first, Unparsed):
+        raise DataError(path, None, None, f"no line could be read; the first: {first.problem}")
     if not isinstance(first, dict):
-        raise DataError(path, 0, None, f"record is {type(first).__name__}, expected an object")
+        raise DataError(path, at, None, f"record is {type(first).__name__}, expected an object")
     for fmt in formats:
         if all(k in first for k in fmt.marker_fields):
             return fmt
     expected = "; ".join(f"{f.name} (fields {', '.join(f.marker_fields)})" for f in formats)
-    raise DataError(path, 0, None, f"not a {task} file: first record has fields {sorted(first)}; "
+    raise DataError(path, at, None, f"not a {task} file: first record has fields {sorted(first)}; "
                                    f"accepted formats: {expected}")
 
 
 def load_file(path: str | Path, formats: Sequence[RecordFormat], task: str, skip_bad: bool) -> LoadedFile:
     """Read, detect the format of, validate and convert one data file."""
     path = Path(path)
-    records = read_records(path)
+    records = read_records(path, skip_bad)
     fmt = detect_format(path, records, formats, task)
-    out = LoadedFile(path, file_sha256(path), len(records), fmt.name, [], [], 0)
+    out = LoadedFile(path, file_sha256(path), len(records), fmt.name, [], [], 0, fmt.fields)
     for i, rec in enumerate(records):
         try:
             fmt.check(path, i, rec)
@@ -126,7 +133,7 @@ class FileTask(Task):
 
     def __init__(self, config: Any = None):
         super().__init__(config)
-        self._train, self._eval = self._load()
+        self._splits = self._load()  # "train" / "eval" -> [(origin, request)]
 
     @abstractmethod
     def formats(self) -> list[RecordFormat]:
@@ -134,11 +141,23 @@ class FileTask(Task):
 
     def train_split(self) -> list[EditRequest]:
         """Meta-training requests; never shares an edit prompt with the evaluation pool."""
-        return list(self._train)
+        return [r for _, r in self._splits["train"]]
 
     def eval_split(self) -> list[EditRequest]:
         """The evaluation pool that `sample` draws edits from."""
-        return list(self._eval)
+        return [r for _, r in self._splits["eval"]]
+
+    def _origins(self, split: str) -> list[Origin]:
+        """File and record of each request of `split`."""
+        return [o for o, _ in self._splits[split]]
+
+    def _drop(self, split: str, positions: Sequence[int]) -> bool:
+        """Remove requests that do not fit the model; `data_info` counts them as `<split>_too_long`."""
+        gone = set(positions)
+        self._splits[split] = [p for k, p in enumerate(self._splits[split]) if k not in gone]
+        self.data_info[f"{split}_too_long"] = self.data_info.get(f"{split}_too_long", 0) + len(gone)
+        self.data_info[f"{split}_requests"] = len(self._splits[split])
+        return True
 
     def _read(self, path: str | Path, skip_bad: bool) -> LoadedFile:
         f = load_file(path, self.formats(), self.name, skip_bad)
@@ -156,7 +175,7 @@ class FileTask(Task):
             f"{role}_requests": n_used,
         })
 
-    def _load(self) -> tuple[list[EditRequest], list[EditRequest]]:
+    def _load(self) -> dict[str, list[tuple[Origin, EditRequest]]]:
         cfg = self.config
         shipped_train, shipped_eval = DATA_DIR / self.shipped_train, DATA_DIR / self.shipped_eval
         one_file = shipped_train == shipped_eval
@@ -169,27 +188,31 @@ class FileTask(Task):
                 cache[path] = self._read(path, skip_bad=True)
             return cache[path]
 
-        def part(f: LoadedFile, train: bool) -> list[EditRequest]:
+        def requests(f: LoadedFile, source: str) -> list[tuple[Origin, EditRequest]]:
+            return [(Origin(str(f.path), i, f.fields, shipped=source == "shipped"), r)
+                    for i, r in zip(f.indices, f.requests, strict=True)]
+
+        def part(f: LoadedFile, train: bool) -> list[tuple[Origin, EditRequest]]:
             if not one_file:
-                return f.requests
+                return requests(f, "shipped")
             keep = set(split_indices(f.n_records, self.train_fraction, SPLIT_SEED)[0 if train else 1])
-            return [r for i, r in zip(f.indices, f.requests, strict=True) if i in keep]
+            return [(o, r) for o, r in requests(f, "shipped") if o.index in keep]
 
         if cfg.data:
             ev_file = self._read(cfg.data, cfg.skip_bad)
-            eval_reqs, eval_source = ev_file.requests, "user"
+            eval_reqs, eval_source = requests(ev_file, "user"), "user"
         else:
             ev_file = shipped(shipped_eval)
             eval_reqs, eval_source = part(ev_file, train=False), "shipped"
         if cfg.train_data:
             tr_file = self._read(cfg.train_data, cfg.skip_bad)
-            train_reqs, train_source = tr_file.requests, "user"
+            train_reqs, train_source = requests(tr_file, "user"), "user"
         else:
             tr_file = shipped(shipped_train)
             train_reqs, train_source = part(tr_file, train=True), "shipped"
         # Meta-training on an evaluated edit would inflate the scores; drop shared prompts.
-        eval_prompts = {r.prompt for r in eval_reqs}
-        kept = [r for r in train_reqs if r.prompt not in eval_prompts]
+        eval_prompts = {r.prompt for _, r in eval_reqs}
+        kept = [(o, r) for o, r in train_reqs if r.prompt not in eval_prompts]
         self._describe("eval", ev_file, eval_source, len(eval_reqs))
         self._describe("train", tr_file, train_source, len(kept))
         self.data_info["train_overlap_dropped"] = len(train_reqs) - len(kept)
@@ -197,4 +220,4 @@ class FileTask(Task):
             self.data_info["split"] = f"{self.train_fraction:.0%} train / rest eval, shuffle seed {SPLIT_SEED}"
         if cfg.data and not cfg.train_data:
             self.data_info["train_note"] = "no train_data given: meta-training uses the shipped train split"
-        return kept, eval_reqs
+        return {"train": kept, "eval": eval_reqs}

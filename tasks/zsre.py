@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.base import DataError, EditRequest, Field, TaskConfig, check_record, register_task
+from tasks.base import DataError, EditRequest, Field, TaskConfig, check_record, is_blank, register_task
 from tasks.files import FileTask, RecordFormat
 
 NQ_PREFIX = "nq question: "
@@ -73,7 +73,7 @@ class Zsre(FileTask):
 
         def check(path: str | Path, i: int, rec: Any) -> None:
             check_record(path, i, rec, spec)
-            if not rec["loc"].removeprefix(NQ_PREFIX).strip():
+            if is_blank(rec["loc"].removeprefix(NQ_PREFIX)):
                 raise DataError(path, i, "loc", "empty question after the 'nq question: ' prefix")
 
         def convert(rec: dict) -> EditRequest:
@@ -82,4 +82,6 @@ class Zsre(FileTask):
                                locality_prompt=as_question(rec["loc"]), locality_answer=rec["loc_ans"],
                                subject=rec["subject"])
 
-        return [RecordFormat("mend", ("src",), check, convert)]
+        fields = {"prompt": "src", "target": "alt" if use_alt else "answers[0]", "rephrases": "rephrase",
+                  "locality_prompt": "loc", "locality_answer": "loc_ans"}
+        return [RecordFormat("mend", ("src",), check, convert, fields)]

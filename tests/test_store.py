@@ -9,6 +9,13 @@ from bench.config import parse_sets, stable_hash
 from bench.store import ResultStore
 
 
+def row(config_hash: str, status: str = "ok", **extra) -> dict:
+    """A minimal row with the fields every reader relies on (others are skipped as not rows)."""
+    ok = {"metrics": {}, "times": {}} if status == "ok" else {}
+    return {"config": {}, "config_hash": config_hash, "status": status, "run_id": config_hash, "editor": "ft",
+            "model": "m", "task": "t", "n_edits": 1, "seed": 0, **ok, **extra}
+
+
 def _writer(path: str, k: int) -> None:
     store = ResultStore(path)
     for i in range(50):
@@ -29,21 +36,21 @@ def test_concurrent_appends_never_interleave(tmp_path):
 @pytest.mark.filterwarnings("ignore:.*not valid JSON")
 def test_partial_last_line_is_isolated_and_skipped(tmp_path):
     store = ResultStore(tmp_path)
-    store.append({"config_hash": "a", "status": "ok"})
+    store.append(row("a"))
     with open(store.path, "a") as f:  # a writer killed mid-line
         f.write('{"config_hash": "b", "sta')
-    store.append({"config_hash": "c", "status": "ok"})
+    store.append(row("c"))
     rows = list(store.rows())
     assert [r["config_hash"] for r in rows] == ["a", "c"]
-    assert store.path.read_text().startswith('{"config_hash": "a"')
+    assert store.path.read_text().startswith('{"config": {}, "config_hash": "a"')
 
 
 def test_find_ok_ignores_failed_rows_and_returns_newest(tmp_path):
     store = ResultStore(tmp_path)
-    store.append({"config_hash": "h", "status": "failed", "run_id": "1"})
+    store.append(row("h", "failed", run_id="1"))
     assert store.find_ok("h") is None
-    store.append({"config_hash": "h", "status": "ok", "run_id": "2"})
-    store.append({"config_hash": "h", "status": "ok", "run_id": "3"})
+    store.append(row("h", run_id="2"))
+    store.append(row("h", run_id="3"))
     assert store.find_ok("h")["run_id"] == "3"
 
 
