@@ -1,10 +1,10 @@
 """`bench sweep`: a grid of runs (editors x seeds x edit counts) through the same run loop as `bench run`.
 
-Sharing: one `ModelCache` loads each model once for the whole grid; hyper-network checkpoints and
-MEMIT statistics are cached by a hash that does not include the number of edits, so they are
-computed once (per seed for meta-training) and reused by the other cells. Cells stored `ok` are
+Sharing: one `ModelCache` loads each model once for the whole grid; MEMIT statistics are cached by
+a hash that does not include the number of edits, so they are computed once and reused by the other
+cells; hyper-network checkpoints are keyed by seed and `train_edits` (by default the cell's m). Cells stored `ok` are
 skipped by `execute`, so an interrupted sweep resumes where it stopped. A failed cell is stored as
-`failed` and the sweep goes on; the exit code is the number of failed cells (at most 125). The
+`failed` and the sweep goes on; the exit code is 1 when a cell failed, 2 when a cell met bad input. The
 result and cache folders are checked before the first cell; a row that cannot be written (disk
 full, file-size limit) stops the sweep with exit 1, since every later row would be lost too.
 """
@@ -31,7 +31,6 @@ from bench import config as C
 from bench.progress import progress_factory
 from bench.store import ResultStore, StoreError, StoreWriteError, ensure_dir
 
-MAX_EXIT = 125  # exit codes above 125 mean "killed by a signal" to shells
 
 
 @dataclass
@@ -251,8 +250,10 @@ def summary(results: Sequence[CellResult], title: str) -> Table:
 
 
 def exit_code(results: Sequence[CellResult]) -> int:
-    """Number of failed cells, capped at 125."""
-    return min(sum(r.failed for r in results), MAX_EXIT)
+    """2 if a cell met bad input, else 1 if a cell failed, else 0 (the codes of `bench run`)."""
+    if any(r.status == "error" for r in results):
+        return 2
+    return 1 if any(r.failed for r in results) else 0
 
 
 def sweep(
