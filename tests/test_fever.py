@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from bench.classifier import MINILM_PIP, load_tiny_bert, minilm_dir
 from bench.metrics import combine, evaluate
 from bench.models import EditableModel, LoadContext, ModelLoadError
+from bench.models.classifier import MINILM_PIP, load_tiny_bert, minilm_dir
 from bench.threads import torch_threads
 from editors.base import EditorContext
 from tasks.base import DataError, EditRequest
@@ -327,8 +327,8 @@ def test_hf_encoder_folder_is_fine_tuned_as_fever_classifier(tmp_path):
     """The `--model <id or folder> --task fever` path, on a tiny random BERT saved as a local folder."""
     from transformers import BertConfig, BertModel
 
-    from bench.classifier import ClassifierTrainConfig, build_word_tokenizer, fever_classifier
     from bench.models import load_model
+    from bench.models.classifier import ClassifierTrainConfig, build_word_tokenizer, fever_classifier
 
     task = FeverTask()
     tok = build_word_tokenizer([c for c, _ in task.classifier_split().train[:200]])

@@ -81,4 +81,4 @@ def test_bench_keys_cli(tiny_gpt2):
 def test_bench_keys_rejects_a_model_of_the_wrong_kind(tiny_gpt2):
     r = CliRunner().invoke(app, ["keys", "--model", "tiny-gpt2", "--task", "fever", "--edits", "2",
                                  "--results", str(REPO / "results")])
-    assert r.exit_code == 2 and "needs a cls model" in r.output
+    assert r.exit_code == 2 and "needs a classifier" in r.output

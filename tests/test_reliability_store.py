@@ -21,10 +21,10 @@ from typer.testing import CliRunner
 
 import bench.run
 from bench.cli import app
+from bench.commands.sweep import grid, run_sweep
 from bench.config import RunConfig
 from bench.run import execute
 from bench.store import ResultStore, StoreWriteError
-from bench.sweep import grid, run_sweep
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -216,10 +216,10 @@ def test_sweep_with_an_unusable_results_folder_fails_before_the_first_cell(tmp_p
 
 
 def test_report_with_an_unusable_out_folder_fails_before_rendering(tmp_path, bad_dir, fake_runs, monkeypatch):
-    import bench.report
+    import bench.commands.report
 
     good_rows(tmp_path / "store")
-    monkeypatch.setattr(bench.report, "figures", lambda *a: pytest.fail("rendered before checking --out"))
+    monkeypatch.setattr(bench.commands.report, "figures", lambda *a: pytest.fail("rendered before checking --out"))
     one_line_error(cli("report", "--results", str(tmp_path / "store"), "--out", str(bad_dir)), str(bad_dir))
 
 

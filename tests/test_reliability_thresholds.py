@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bench.check import ThresholdError, load_thresholds
 from bench.cli import app
+from bench.commands.check import ThresholdError, load_thresholds
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = 'task = "synthetic"\nmodel = "tiny-gpt2"\neditor = "ft"\nedits = 4\n'

@@ -18,12 +18,12 @@ import pytest
 from typer.testing import CliRunner
 
 import bench.run
-from bench.check import ThresholdError, evaluate, load_thresholds
 from bench.cli import app
+from bench.commands.check import ThresholdError, evaluate, load_thresholds
+from bench.commands.sweep import exit_code, grid, parse_list, run_sweep
 from bench.config import RunConfig
 from bench.run import execute, resolve
 from bench.store import ResultStore
-from bench.sweep import exit_code, grid, parse_list, run_sweep
 from bench.variants import matches_set, variant_diff, variant_label
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +73,21 @@ def built(tmp_path_factory, tiny_gpt2):
     after_resume = rows(d)
     again = run_sweep(cfgs, d, cache_dir=CACHE, show_progress=False)
     execute(RunConfig(n_edits=4, seed=0, editor="ft", **{**BASE, "overrides": {"epochs": "2"}}), d, cache_dir=CACHE)
-    failing = cli("sweep", "--editors", "ft", "--model", "tiny-gpt2", "--task", "synthetic", "--edits", "4,100000",
-                  "--seeds", "0", "--set", "epochs=1", "--device", "cpu", "--results", str(d), "--cache-dir", str(CACHE))
+    # --edits beyond the evaluation pool is bad input now (resolve, exit 2): a cell fails at run time instead
+    import tasks.base
+
+    real_sample = tasks.base.Task.sample
+
+    def sample(self, n, seed):
+        if n == 5:
+            raise ValueError(f"cannot sample {n} edits (injected failure)")
+        return real_sample(self, n, seed)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tasks.base.Task, "sample", sample)
+        failing = cli("sweep", "--editors", "ft", "--model", "tiny-gpt2", "--task", "synthetic", "--edits", "4,5",
+                      "--seeds", "0", "--set", "epochs=1", "--device", "cpu", "--results", str(d),
+                      "--cache-dir", str(CACHE))
     return {"dir": d, "after_interrupt": after_interrupt, "resumed": resumed, "executed": executed, "loads": loads,
             "after_resume": after_resume, "again": again, "failing": failing}
 
@@ -108,8 +121,8 @@ def test_failed_cell_is_stored_and_counted_in_exit_code(built):
     res = built["failing"]
     assert res.exit_code == 1, res.output
     failed = [r for r in rows(built["dir"]) if r["status"] == "failed"]
-    assert len(failed) == 1 and failed[0]["n_edits"] == 100000
-    assert "cannot sample 100000" in failed[0]["error"]
+    assert len(failed) == 1 and failed[0]["n_edits"] == 5
+    assert "cannot sample 5" in failed[0]["error"]
     assert "skipped" in res.output and "failed" in res.output
 
 
@@ -173,7 +186,7 @@ def test_report_tables_hold_exactly_the_stored_numbers_aggregated_over_seeds(bui
     comp = pd.read_csv(report / "tables" / "comparison.csv")
     md = (report / "index.md").read_text()
     default = comp[comp["variant"] == "ft (epochs=1)"]
-    assert sorted(default["n_edits"]) == EDITS  # the failed m=100000 cell is not aggregated
+    assert sorted(default["n_edits"]) == EDITS  # the failed m=5 cell is not aggregated
     for m in EDITS:
         stored = [r for r in ft_rows(built["dir"]) if r["n_edits"] == m]
         assert sorted(r["seed"] for r in stored) == SEEDS
@@ -202,7 +215,7 @@ def test_report_outputs_are_complete_and_self_contained(built, report):
     assert html.count("data:image/png;base64,") == 2 and "src='figures/" not in html
     md = (report / "index.md").read_text()
     for text in ("LS | locality success, gold", "LS agree", "seeds 0,1", "tiny-gpt2 / synthetic, m = 4",
-                 "## Failed runs", "cannot sample 100000"):
+                 "## Failed runs", "cannot sample 5"):
         assert text in md, text
     runs = pd.read_csv(report / "runs.csv")
     assert sorted(runs["run_id"]) == sorted(r["run_id"] for r in rows(built["dir"]))
@@ -315,7 +328,7 @@ def test_sweep_killed_by_sigkill_resumes(tmp_path, tiny_gpt2):
 
 
 def test_ablation_names_follow_the_paper_and_shared_settings_are_the_baseline():
-    from bench.report import ablation_name, common_settings
+    from bench.commands.report import ablation_name, common_settings
 
     diffs = [{"rank": 32}, {"rank": 32, "shift": "sum"}, {"rank": 32, "reg": "none", "cache": "all"}]
     assert common_settings(diffs) == {"rank": 32}

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from bench.tiny import (
+from bench.models.tiny import (
     TinyModelConfig,
     TinySpec,
     TinyTrainConfig,

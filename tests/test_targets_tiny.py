@@ -15,8 +15,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bench.check import Threshold, evaluate, load_thresholds
 from bench.cli import app
+from bench.commands.check import Threshold, evaluate, load_thresholds
 
 REPO = Path(__file__).parents[1]
 

@@ -32,7 +32,6 @@ from bench.progress import progress_factory
 from bench.store import ResultStore, StoreError, StoreWriteError, ensure_dir
 
 
-
 @dataclass
 class CellResult:
     """What happened to one grid cell."""
@@ -70,6 +69,7 @@ def grid(editors: Sequence[str], edits: Sequence[int], seeds: Sequence[int], ove
     editor's hparams are unknown keys to another's; a plain key applies to every cell.
     """
     per = split_overrides(overrides or {}, editors)
+    check_plain_sets(overrides or {}, editors, common.get("task", C.DEFAULT_TASK))
     return [C.RunConfig(editor=e, n_edits=m, seed=s, overrides=per[e], **common)
             for e in editors for s in seeds for m in edits]
 
@@ -91,6 +91,28 @@ def split_overrides(overrides: dict[str, str], editors: Sequence[str]) -> dict[s
         if dot:
             per[head][rest] = v
     return per
+
+
+def check_plain_sets(overrides: dict[str, str], editors: Sequence[str], task: str) -> None:
+    """ValueError for a plain `--set key=value` that only some of the sweep's editors have, naming the `editor.key` form."""
+    import dataclasses
+
+    import editors as E
+    import tasks
+
+    if task not in tasks.TASKS or any(e not in E.EDITORS for e in editors):
+        return  # the unknown name is reported by `resolve`
+    task_keys = {f.name for f in dataclasses.fields(tasks.TASKS[task].config_cls)}
+    for k, v in overrides.items():
+        if "." in k or k in task_keys:
+            continue
+        having = [e for e in editors if k in {f.name for f in dataclasses.fields(E.EDITORS[e].hparams_cls)}]
+        if having and len(having) < len(editors):
+            lacking = [e for e in editors if e not in having]
+            forms = " ".join(f"--set {e}.{k}={v}" for e in having)
+            raise ValueError(f"--set {k}={v}: only {', '.join(having)} of the sweep's editors have '{k}' "
+                             f"({', '.join(lacking)} do{'es' if len(lacking) == 1 else ''} not); give it as {forms}, "
+                             "which applies to that editor's cells only")
 
 
 class NestedProgress:
@@ -172,7 +194,12 @@ def run_sweep(
     with sweep_progress(console, show_progress) as prog:
         grid_bar = prog.add_task("sweep", total=len(cfgs), status="", eta_s=None)
 
+        said: set[str] = set()
+
         def log(msg: str) -> None:  # the editors' plain-text lines (paths, names): printed literally
+            if msg.startswith("note:") and msg in said:
+                return  # the same note for every cell of an editor: once is enough
+            said.add(msg)
             prog.console.print(msg, highlight=False, markup=False)
 
         def note(markup: str) -> None:  # the sweep's own styled lines; user text in them is escaped
@@ -271,16 +298,26 @@ def sweep(
     train_data: Annotated[Path | None, typer.Option(help="your own meta-training data file")] = None,
     skip_bad: Annotated[bool, typer.Option(help="skip malformed records (counted in the row)")] = False,
     force: Annotated[bool, typer.Option(help="rerun cells already stored as ok")] = False,
+    dry_run: Annotated[bool, typer.Option(help="check every cell and show what would run or be reused; load nothing")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="with --dry-run: print only the plans as JSON on stdout")] = False,
 ) -> None:
-    """Run editors x seeds x edit counts; resumes from the store; exit code = number of failed cells."""
-    from bench.cli import err, fail, out
-    from bench.run import UserError
+    """Run editors x seeds x edit counts; resumes from the store; exit 0 all ok, 1 a cell failed, 2 bad input."""
+    from bench.console import err, fail, out, show_plans
+    from bench.run import UserError, plan, resolve
 
     try:
         cfgs = grid(parse_list(editors, "editors"), parse_list(edits, "edits", int), parse_list(seeds, "seeds", int),
                     model=model, task=task, device=device, overrides=C.parse_sets(set_),
                     data=str(data) if data else None, train_data=str(train_data) if train_data else None,
                     skip_bad=skip_bad)
+        if dry_run:
+            resolved = [resolve(c) for c in cfgs]
+            for note in dict.fromkeys(n for r in resolved for n in r.notes):
+                err.print(note, markup=False, highlight=False, soft_wrap=True)
+            show_plans([plan(r, results, cache_dir, force) for r in resolved], json_)
+            return
+        if json_:
+            raise ValueError("--json is for --dry-run; a sweep's rows are in the store (bench report --results)")
         res = run_sweep(cfgs, results, cache_dir=cache_dir, force=force, console=err)
     except StoreWriteError as e:  # a finished cell's row is lost; the next cells would lose theirs too
         fail(str(e), 1)

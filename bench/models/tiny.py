@@ -259,6 +259,11 @@ def load_tiny(results_dir: Path, spec: TinySpec | None = None, progress: Any = N
     return _wrap(model, tok, spec.key(), info)
 
 
+def tiny_gpt2_folder(results_dir: Path) -> Path:
+    """Cache entry of the `tiny-gpt2` alias under `results_dir` (computed without training)."""
+    return model_dir(results_dir, TinySpec())
+
+
 def load_tiny_gpt2(ctx: LoadContext) -> EditableModel:
     """Model alias `tiny-gpt2` (default world, model and training configs)."""
     return load_tiny(ctx.results_dir, TinySpec(), ctx.progress)

@@ -150,6 +150,13 @@ def fmt_cell(mean: float, std: float, scale: float = 1.0, digits: int = 1) -> st
 # ---------------------------------------------------------------- document blocks
 
 
+def _markdown() -> Any:
+    """The renderer of the blocks' Markdown (code, emphasis, links) for index.html; raw HTML in text is escaped."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False, "breaks": True})
+
+
 @dataclass
 class Doc:
     """A report as a list of blocks, rendered both to Markdown and to self-contained HTML."""
@@ -191,15 +198,16 @@ class Doc:
                "table{border-collapse:collapse;margin:1em 0;font-size:90%}"
                "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
                "td:first-child,th:first-child{text-align:left}img{max-width:100%}</style></head><body>"]
+        md = _markdown()
         for kind, x in self.blocks:
             if kind.startswith("h"):
-                out.append(f"<{kind}>{html.escape(x)}</{kind}>")
+                out.append(f"<{kind}>{md.renderInline(x)}</{kind}>")
             elif kind == "p":
-                out.append(f"<p>{html.escape(x).replace(chr(10), '<br>')}</p>")
+                out.append(md.render(x).strip())
             elif kind == "table":
                 header, rows = x
-                out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>"
-                           + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                out.append("<table><tr>" + "".join(f"<th>{md.renderInline(c)}</th>" for c in header) + "</tr>"
+                           + "".join("<tr>" + "".join(f"<td>{md.renderInline(c)}</td>" for c in r) + "</tr>"
                                      for r in rows) + "</table>")
             elif kind == "img":
                 path, alt = x
@@ -420,6 +428,8 @@ def ablation_tables(agg: pd.DataFrame, doc: Doc) -> pd.DataFrame:
 def write_report(results_dir: str | Path, out: str | Path = "reports") -> dict[str, Any]:
     """Render index.md, index.html, figures/*.png, runs.csv and tables/*.csv; returns a summary."""
     results_dir, out = Path(results_dir), Path(out)
+    if not results_dir.is_dir():
+        raise ValueError(f"--results {results_dir}: the folder does not exist")
     df = load_runs(results_dir)
     if df.empty:
         raise ValueError(f"no runs stored in {results_dir / 'runs.jsonl'}")

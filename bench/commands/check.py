@@ -358,12 +358,12 @@ def table(outcomes: list[Outcome], title: str) -> Table:
 
 
 def check(
-    thresholds: Annotated[Path, typer.Option(help="TOML file of thresholds (schema in bench/check.py)")] = Path(
+    thresholds: Annotated[Path, typer.Option(help="TOML file of thresholds (schema in bench/commands/check.py)")] = Path(
         "thresholds.toml"),
     results: Annotated[Path, typer.Option(help="result store folder")] = Path("results"),
 ) -> None:
     """Compare the newest stored runs with thresholds.toml; exit 1 on any violation or missing run."""
-    from bench.cli import fail, out
+    from bench.console import fail, out
 
     try:
         ths, ratios = load_thresholds(thresholds)

@@ -124,15 +124,20 @@ def convert(gguf: Path, dest: Path) -> dict[str, Any]:
     return json.loads((dest / SIDECAR).read_text())
 
 
+def smollm2_folder(results_dir: Path) -> Path:
+    """Cache entry of the converted SmolLM2 under `results_dir` (a legacy one if it proves the same file)."""
+    gguf = gguf_path()
+    models = Path(results_dir) / "models"
+    folder = models / f"{ALIAS}-{cache_key(gguf)}"
+    return folder if folder.exists() else (_legacy_folder(models, gguf) or folder)
+
+
 def load_smollm2(ctx: LoadContext) -> EditableModel:
     """SmolLM2-135M-Instruct as an fp32 Llama EditableModel, converted from GGUF on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf_path()
-    models = Path(ctx.results_dir) / "models"
-    folder = models / f"{ALIAS}-{cache_key(gguf)}"
-    if not folder.exists():
-        folder = _legacy_folder(models, gguf) or folder
+    folder = smollm2_folder(ctx.results_dir)
     # verified on every load; a broken conversion is moved aside (with a warning) and converted again
     converted = ensure_entry(folder, lambda tmp: _convert_into(gguf, tmp), REQUIRED)
     sidecar = json.loads((folder / SIDECAR).read_text())

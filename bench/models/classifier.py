@@ -265,6 +265,14 @@ def _file_digest(paths: Sequence[Path]) -> str:
 # Pretrained encoders fine-tuned on the FEVER classifier part
 
 
+def _fever_key(base_id: dict[str, Any], cfg: ClassifierTrainConfig, split: Any) -> str:
+    return cache_key({"base": base_id, "train": _train_key(cfg), "data": split.digest(), "labels": LABELS})
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
 def fever_classifier(ctx: LoadContext, name: str, source: str, base_id: dict[str, Any],
                      cfg: ClassifierTrainConfig | None = None, slug: str | None = None) -> EditableModel:
     """Fine-tune (or reuse) the encoder at `source` as a FEVER SUPPORTS/REFUTES classifier.
@@ -276,8 +284,8 @@ def fever_classifier(ctx: LoadContext, name: str, source: str, base_id: dict[str
 
     cfg = cfg or ClassifierTrainConfig()
     split = FeverTask().classifier_split()
-    key = cache_key({"base": base_id, "train": _train_key(cfg), "data": split.digest(), "labels": LABELS})
-    slug = slug or re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+    key = _fever_key(base_id, cfg, split)
+    slug = slug or _slug(name)
     out = Path(ctx.results_dir) / "models" / f"{slug}-{key}"
 
     def train() -> tuple[CLSClassifier, Any, dict[str, Any]]:
@@ -310,11 +318,22 @@ def minilm_dir() -> Path:
                          "(its sentence-transformers dependency is not needed)")
 
 
+def _minilm_base(path: Path) -> dict[str, Any]:
+    return {"package": MINILM_PACKAGE, "weights_sha256": _file_digest([path / "config.json", path / "model.safetensors"])}
+
+
+def minilm_fever_folder(results_dir: Path) -> Path:
+    """Cache entry of the `minilm-fever` alias under `results_dir` (computed without training)."""
+    from tasks.fever import FeverTask
+
+    key = _fever_key(_minilm_base(minilm_dir()), ClassifierTrainConfig(), FeverTask().classifier_split())
+    return Path(results_dir) / "models" / f"{_slug('minilm-fever')}-{key}"
+
+
 def load_minilm_fever(ctx: LoadContext) -> EditableModel:
     """Model alias `minilm-fever`: the packaged MiniLM-L6 encoder fine-tuned on FEVER claims."""
     path = minilm_dir()
-    base = {"package": MINILM_PACKAGE, "weights_sha256": _file_digest([path / "config.json", path / "model.safetensors"])}
-    return fever_classifier(ctx, "minilm-fever", str(path), base)
+    return fever_classifier(ctx, "minilm-fever", str(path), _minilm_base(path))
 
 
 def load_hf_classifier(ctx: LoadContext) -> EditableModel:
@@ -368,6 +387,17 @@ def build_word_tokenizer(texts: Sequence[str]) -> Any:
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
+def _tiny_bert_key(cfg: TinyBertConfig, split: Any) -> str:
+    return cache_key({"tiny_bert": asdict(cfg), "data": split.digest(), "labels": LABELS})
+
+
+def tiny_bert_folder(results_dir: Path) -> Path:
+    """Cache entry of the `tiny-bert` alias under `results_dir` (computed without training)."""
+    from tasks.synthetic_cls import SyntheticClsTask
+
+    return Path(results_dir) / "models" / f"tiny-bert-{_tiny_bert_key(TinyBertConfig(), SyntheticClsTask().classifier_split())}"
+
+
 def load_tiny_bert(ctx: LoadContext, cfg: TinyBertConfig | None = None) -> EditableModel:
     """Model alias `tiny-bert`: a 2-layer BERT trained from scratch on synthetic true/false claims."""
     from transformers import BertConfig, BertModel
@@ -376,9 +406,8 @@ def load_tiny_bert(ctx: LoadContext, cfg: TinyBertConfig | None = None) -> Edita
     from tasks.synthetic_cls import SyntheticClsTask
 
     cfg = cfg or TinyBertConfig()
-    task = SyntheticClsTask()
-    split = task.classifier_split()
-    key = cache_key({"tiny_bert": asdict(cfg), "data": split.digest(), "labels": LABELS})
+    split = SyntheticClsTask().classifier_split()
+    key = _tiny_bert_key(cfg, split)
     out = Path(ctx.results_dir) / "models" / f"tiny-bert-{key}"
 
     def train() -> tuple[CLSClassifier, Any, dict[str, Any]]:

