@@ -15,7 +15,6 @@ Standard library only: `bench` and `editors` both import it.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
@@ -30,6 +29,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from tasks.files import file_sha256 as sha256_of_file
 
 MANIFEST = "cache-entry.json"
 FORMAT = 1
@@ -53,11 +54,7 @@ class CacheEntryError(RuntimeError):
 @functools.lru_cache(maxsize=4096)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
     # size and mtime are part of the memo key: a rewritten file is hashed again
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_of_file(Path(path))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -238,13 +235,11 @@ def write_entry(dest: Path, fill: Callable[[Path], Any], *, replace: bool = Fals
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Exclusive file lock at `path` (created), so parallel processes build a missing entry once."""
+    from filelock import FileLock  # the run lock's package (bench/store.py), portable where fcntl is not
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with FileLock(path):
+        yield
 
 
 def ensure_entry(folder: Path, fill: Callable[[Path], Any], required: Sequence[str] = ()) -> bool:

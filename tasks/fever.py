@@ -64,6 +64,7 @@ from tasks.base import (
     register_task,
     validate_records,
 )
+from tasks.files import file_sha256
 from tasks.rephrase import rephrase
 
 FEVER_FILE = DATA_DIR / "fever" / "paper_dev.jsonl"
@@ -113,11 +114,6 @@ def parse_label(path: str | Path, index: int, field_name: str, value: Any) -> st
     if isinstance(value, str) and value.strip().upper() in LABELS:
         return value.strip().upper()
     raise DataError(path, index, field_name, f"expected SUPPORTS, REFUTES or a boolean, got {value!r}")
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------

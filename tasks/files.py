@@ -58,10 +58,10 @@ class LoadedFile:
     fields: dict[str, str] = field(default_factory=dict)  # RecordFormat.fields of its format
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
