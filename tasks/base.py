@@ -161,10 +161,15 @@ class TokenCounter:
 
     def answer(self, prompt: str, answer: str) -> int:
         """Tokens of an answer after `prompt`; the same separating space as `EditableModel.encode`."""
-        text = ("" if (answer[:1].isspace() or prompt[-1:].isspace()) else " ") + answer
+        text = answer_text(prompt, answer)
         if text not in self._answers:
             self._answers[text] = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._answers[text]
+
+
+def answer_text(prompt: str, answer: str) -> str:
+    """The answer as it is tokenised after `prompt`: one separating space unless either side has one."""
+    return ("" if (answer[:1].isspace() or prompt[-1:].isspace()) else " ") + answer
 
 
 def encoded_length(n_prompt: int, n_answer: int, max_length: int) -> int:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.cachefs import weights_digest
+from tasks.base import answer_text
 
 
 class ModelLoadError(RuntimeError):
@@ -140,8 +141,7 @@ class EditableModel:
         rows: list[tuple[list[int], int]] = []
         for p, a in zip(prompts, answers, strict=True):
             p_ids = tok(p, add_special_tokens=True)["input_ids"]
-            sep = "" if (a[:1].isspace() or p[-1:].isspace()) else " "
-            a_ids = tok(sep + a, add_special_tokens=False)["input_ids"]
+            a_ids = tok(answer_text(p, a), add_special_tokens=False)["input_ids"]
             if not a_ids:
                 raise ValueError(f"answer {a!r} tokenises to nothing")
             p_ids = p_ids[-max(1, self.max_length - len(a_ids)):]  # keep the end of long prompts
