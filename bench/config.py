@@ -27,6 +27,8 @@ class RunConfig:
     data: str | None = None
     train_data: str | None = None
     skip_bad: bool = False
+    dtype: str = "float32"  # the model's weights: float32 | bfloat16 | float16 (bench.models.DTYPES)
+    device_map: str | None = None  # "auto" etc.: from_pretrained spreads the model over the devices (accelerate)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

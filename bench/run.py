@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import platform
 import random
+import re
 import subprocess
 import traceback
 import uuid
@@ -22,10 +23,13 @@ import torch
 import editors
 import tasks
 from bench.config import RunConfig, stable_hash
+from bench.download import DownloadError, full_data
 from bench.machine import cpu_env, cpu_model
-from bench.measure import measure
+from bench.measure import measure, per_device_fields
 from bench.metrics import combine, evaluate
 from bench.models import (
+    DEVICE_MAP_STRATEGIES,
+    DTYPES,
     KIND_NAMES,
     MODEL_ALIASES,
     EditableModel,
@@ -36,8 +40,17 @@ from bench.models import (
     model_identity,
 )
 from bench.store import ResultStore, ensure_dir
-from editors.base import HPARAMS_DIR, EditorContext, hparams_from, model_defaults, model_defaults_path
+from editors.base import (
+    HPARAMS_DIR,
+    EditorContext,
+    hparams_from,
+    model_defaults,
+    model_defaults_path,
+    seq2seq_refusal,
+)
 from tasks.base import DataError, Task
+from tasks.files import FileTask
+from tasks.sources import check_source, is_hub_spec
 
 
 class UserError(Exception):
@@ -113,6 +126,8 @@ def check_fit(cfg: RunConfig, task_cls: type[Task], editor_cls: type[editors.Edi
         fits = sorted(n for n, a in MODEL_ALIASES.items() if a.kind == kind)
         raise UserError(f"model '{cfg.model}' is a {KIND_NAMES[alias.kind]}, but task '{cfg.task}' needs a "
                         f"{KIND_NAMES[kind]}; built-in models that fit: {', '.join(fits)}")
+    if alias is not None and alias.seq2seq and not editor_cls.edits_seq2seq:
+        raise UserError(seq2seq_refusal(cfg.editor, cfg.model))
     if alias is None and (typo := alias_typo(cfg.model)) is not None:
         raise UserError(f"unknown model '{cfg.model}' (not a built-in alias, a folder or a cached hub id); "
                         f"did you mean '{typo}'?")
@@ -128,11 +143,14 @@ def defaults_note(editor: str, model: str) -> str | None:
             f"for model '{model}'")
 
 
-def resolve(cfg: RunConfig) -> Resolved:
+def resolve(cfg: RunConfig, cache_dir: str | Path | None = None, progress: Any = None) -> Resolved:
     """Validate names and `--set` keys, build task and hparams, and compute the config hash.
 
     Everything that can be checked without the model is checked here, so bad input fails in
-    seconds: names, `--set` keys and values, editor/model/task kinds, the data and `--edits`.
+    seconds: names, `--set` keys and values, editor/model/task kinds, the data, `--edits` against
+    the evaluation pool and a hypernetwork's edits per meta-training step against its training
+    requests. The full task data (`source=full|auto`) is fetched into `cache_dir` (default
+    `results`; bench/download.py) with `progress` drawing its bar.
     """
     task_cls = choose("task", cfg.task, tasks.TASKS)
     editor_cls = choose("editor", cfg.editor, editors.EDITORS)
@@ -155,15 +173,20 @@ def resolve(cfg: RunConfig) -> Resolved:
         hparams = hparams_from(editor_cls.hparams_cls, ed_over, model_defaults(cfg.editor, cfg.model))
     except (ValueError, TypeError) as e:
         raise UserError(f"bad --set value {e}") from None
+    data_notes: list[str] = []
     try:
-        task = task_cls(task_cfg)
+        task = _build_task(cfg, task_cls, task_cfg, Path(cache_dir) if cache_dir is not None else Path("results"),
+                           progress, data_notes)
         pool = len(task.eval_split())  # reads and validates the data now, before any model is loaded
     except DataError as e:
         raise UserError(f"bad data: {e}") from None
     if cfg.n_edits > pool:
+        more = " or --set source=full for the full data" if _full_would_help(task, "eval") else ""
         raise UserError(f"--edits {cfg.n_edits} is more than the {pool} evaluation requests of task "
                         f"'{cfg.task}'{' (--data ' + cfg.data + ')' if cfg.data else ''}; "
-                        f"choose --edits {pool} or fewer")
+                        f"choose --edits {pool} or fewer, or a larger evaluation pool (--data FILE{more})")
+    check_train_size(cfg, editor_cls, hparams, task)
+    check_placement(cfg, task_cls)
     device = resolve_device(cfg.device)
     config = {
         "editor": cfg.editor,
@@ -173,15 +196,124 @@ def resolve(cfg: RunConfig) -> Resolved:
         "seed": cfg.seed,
         "device": device.type,
         "hparams": dataclasses.asdict(hparams),
-        "task_config": dataclasses.asdict(task_cfg),
+        "task_config": _recorded_task_config(task_cfg),
         "data": dict(task.data_info),
     }
     model_id = model_identity(cfg.model)  # before the "already stored?" check: overwritten weights rerun
     if model_id is not None:  # aliases: none, so the hashes of their rows are unchanged
         config["model_id"] = model_id
+    if cfg.dtype != "float32":  # recorded only when not the default, so earlier rows keep their hashes
+        config["dtype"] = cfg.dtype
+    if cfg.device_map is not None:
+        config["device_map"] = cfg.device_map
     config_hash, task_key = _content_hashes(config, model_is_folder=model_id is not None and Path(cfg.model).is_dir())
-    notes = [n for n in [defaults_note(cfg.editor, cfg.model)] if n]
+    notes = [n for n in [defaults_note(cfg.editor, cfg.model)] if n] + data_notes
     return Resolved(cfg, task, editor_cls, hparams, device, config, config_hash, task_key, notes)
+
+
+def check_placement(cfg: RunConfig, task_cls: type[Task]) -> None:
+    """UserError, before any model loads, for an unknown --dtype or a --device-map the model cannot take."""
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"unknown --dtype '{cfg.dtype}'; choices: {', '.join(DTYPES)}")
+    dm = cfg.device_map
+    if dm is None:
+        return
+    if dm not in DEVICE_MAP_STRATEGIES and dm != "cpu" and not re.fullmatch(r"cuda(:\d+)?", dm):
+        raise UserError(f"unknown --device-map '{dm}'; choose {', '.join(DEVICE_MAP_STRATEGIES)} or a device "
+                        "(cpu, cuda, cuda:N)")
+    if cfg.model in MODEL_ALIASES:  # their loaders read a cache entry; they fit on one device anyway
+        raise UserError(f"--device-map is for models loaded by from_pretrained (Hugging Face ids and folders); "
+                        f"built-in model '{cfg.model}' fits on one device: use --device instead")
+    if task_cls.kind != "lm":
+        raise UserError(f"--device-map is for language models; task '{cfg.task}' needs a classifier (use --device)")
+
+
+def _build_task(cfg: RunConfig, task_cls: type[Task], task_cfg: Any, cache: Path, progress: Any,
+                notes: list[str]) -> Task:
+    """The task on the data `cfg` asks for: user files, `hf:` datasets, the full files (fetched now) or the shipped ones.
+
+    The decision is made here, in `bench`, because fetching needs the cache (bench/cachefs.py) and
+    `tasks` must not import `bench`; the task only receives the local copies (`downloaded=`).
+    """
+    file_task = issubclass(task_cls, FileTask)
+    for flag, value in (("--data", cfg.data), ("--train-data", cfg.train_data)):
+        if is_hub_spec(value) and not file_task:
+            able = ", ".join(sorted(n for n, c in tasks.TASKS.items() if issubclass(c, FileTask)))
+            raise UserError(f"{flag} {value}: Hugging Face datasets are read for the tasks {able}; "
+                            f"task '{cfg.task}' takes a file")
+    source = getattr(task_cfg, "source", None)
+    if source is None:  # a task without full downloads
+        return task_cls(task_cfg)
+    try:
+        check_source(source)
+    except ValueError as e:
+        raise UserError(f"bad --set value {e}") from None
+    roles = {role for role, given in (("eval", cfg.data), ("train", cfg.train_data)) if not given}
+    needed = [rf for rf in task_cls.full_files if rf.role == "both" or rf.role in roles] if roles else []
+    try:
+        got = full_data(needed, source, cache, progress)
+    except DownloadError as e:
+        raise UserError(str(e)) from None
+    notes.extend(got.notes)
+    if got.files is None:
+        task = task_cls(task_cfg)  # the shipped subset
+        if got.why_not is not None:
+            notes.append(f"note: task '{cfg.task}': the full data cannot be fetched ({got.why_not}); using the shipped "
+                         f"subset: {len(task.train_split())} training / {len(task.eval_split())} evaluation "
+                         "requests (--set source=full requires the full data, source=shipped skips this check)")
+        return task
+    task = task_cls(task_cfg, downloaded=got.files)
+    # Said every time: with `auto`, whether the run meta-trains on 400 or 160,000 requests depends on the cache.
+    notes.append(f"note: task '{cfg.task}' uses the full data ({', '.join(sorted(got.files))}): "
+                 f"{len(task.train_split())} training / {len(task.eval_split())} evaluation requests "
+                 "(--set source=shipped for the shipped subset)")
+    return task
+
+
+def _recorded_task_config(task_cfg: Any) -> dict[str, Any]:
+    """The task config as the row records and hashes it, without `source`.
+
+    The source actually used is in `config.data` (`eval_source` / `train_source`: shipped, full, user
+    or hf, with the files' sha256), so `auto` and an explicit choice of the same data share a hash,
+    and rows on the shipped data keep the hash they had before `source` existed.
+    """
+    out = dataclasses.asdict(task_cfg)
+    out.pop("source", None)
+    return out
+
+
+def _full_would_help(task: Task, role: str) -> bool:
+    """Whether `role` ("train" or "eval") came from the shipped subset of a task that has full files."""
+    return bool(getattr(task, "full_files", ())) and task.data_info.get(f"{role}_source") == "shipped"
+
+
+def check_train_size(cfg: RunConfig, editor_cls: type[editors.Editor], hparams: Any, task: Task) -> None:
+    """UserError, before any model loads, when a hypernetwork would meta-train on more edits per step than it has.
+
+    Without this, meta-training quietly shrinks the step to the training requests there are
+    (editors/meta.py), which is not the run asked for (e.g. 512 edits per step from the shipped 400).
+    """
+    if not editor_cls.meta_trains:
+        return
+    n_train = len(task.train_split())
+    if n_train == 0:  # _run_phases says why (every training request overlapped the evaluation data)
+        return
+    m = getattr(hparams, "train_edits", None) or cfg.n_edits
+    # schedule=select holds out min(n_val, N // 4) training requests for validation (editors/meta.py)
+    held = min(getattr(hparams, "n_val", 0), n_train // 4) if getattr(hparams, "schedule", "") == "select" else 0
+    usable = n_train - held
+    if m <= usable:
+        return
+    src = task.data_info.get("train_source")
+    what = {"shipped": "the shipped subset", "full": "the full data", "user": "--train-data",
+            "hf": "--train-data"}.get(src or "", f"task '{cfg.task}'")
+    if held:
+        what += f", less {held} held out for validation"
+    why = "train_edits unset, so --edits" if getattr(hparams, "train_edits", None) is None else "--set train_edits"
+    more = " or --set source=full for the full data" if _full_would_help(task, "train") else ""
+    raise UserError(f"editor '{cfg.editor}' would meta-train with {m} edits per step ({why}), but task '{cfg.task}' "
+                    f"has {usable} training requests ({what}); give more training data (--train-data FILE{more}) "
+                    f"or fewer edits per step (--set train_edits={usable})")
 
 
 def plan(res: Resolved, results_dir: str | Path, cache_dir: str | Path | None = None,
@@ -254,8 +386,8 @@ def _content_only(data_info: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in data_info.items():
         role = k.removesuffix("_path")
-        if k.endswith("_path") and data_info.get(f"{role}_source") == "user":
-            continue  # FileTask: eval_path / train_path of a user file
+        if k.endswith("_path") and data_info.get(f"{role}_source") in ("user", "hf"):
+            continue  # FileTask: eval_path / train_path of a user file or dataset (hf: its revision identifies it)
         if k in ("data", "train_data") and isinstance(v, dict):  # FEVER: a user file's facts
             v = {kk: vv for kk, vv in v.items() if kk != "file"}
         out[k] = v
@@ -296,15 +428,17 @@ def _git_state() -> tuple[str | None, bool | None]:
 
 
 class ModelCache:
-    """Loaded models keyed by (name, content identity, device, task kind), so a sweep loads each model once."""
+    """Loaded models keyed by (name, content identity, device, task kind, dtype, device map): a sweep loads each once."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str, str | None, str, str], EditableModel] = {}
+        self._models: dict[tuple[str, str | None, str, str, str, str | None], EditableModel] = {}
 
     def get(self, res: Resolved, results_dir: Path, progress: Any) -> EditableModel:
-        key = (res.cfg.model, res.config.get("model_id"), str(res.device), res.task.kind)
+        key = (res.cfg.model, res.config.get("model_id"), str(res.device), res.task.kind, res.cfg.dtype,
+               res.cfg.device_map)
         if key not in self._models:
-            ctx = LoadContext(res.cfg.model, results_dir, str(res.device), res.task.kind, res.cfg.seed, progress)
+            ctx = LoadContext(res.cfg.model, results_dir, str(res.device), res.task.kind, res.cfg.seed, progress,
+                              dtype=res.cfg.dtype, device_map=res.cfg.device_map)
             try:
                 self._models[key] = load_model(ctx)
             except ModelLoadError as e:
@@ -328,27 +462,31 @@ def execute(
     models: ModelCache | None = None,
     log: Any = print,
     cache_dir: str | Path | None = None,
+    write: bool = True,
 ) -> tuple[dict[str, Any], bool]:
     """Run one config and store its row; returns (row, skipped). A stored `ok` twin is returned unless `force`.
 
-    Models, checkpoints and statistics are cached under `cache_dir` (default: `results_dir`).
+    Models, checkpoints and statistics are cached under `cache_dir` (default: `results_dir`). With
+    `write=False` the row (ok or failed) is returned but not stored: a Ray worker hands it to the
+    driver, the only writer of `runs.jsonl` (bench/ray_exec.py).
     """
     results_dir = Path(results_dir)
     cache = Path(cache_dir) if cache_dir is not None else results_dir
     store = ResultStore(results_dir)
-    res = resolve(cfg)
+    res = resolve(cfg, cache, progress)  # downloads of full task data go to the cache, with a bar
     for note in res.notes:
         log(note)
     store.ensure_writable()  # a bad --results or --cache-dir fails now, not after the run
     if cache != results_dir:
         ensure_dir(cache, "--cache-dir")
     with store.lock(res.config_hash, log):  # of two identical runs, the second waits, then finds the row
-        return _execute_locked(cfg, res, store, cache, force, progress, models, log)
+        return _execute_locked(cfg, res, store, cache, force, progress, models, log, write)
 
 
 def _execute_locked(cfg: RunConfig, res: Resolved, store: ResultStore, cache: Path, force: bool, progress: Any,
-                    models: ModelCache | None, log: Any) -> tuple[dict[str, Any], bool]:
-    """The check -> run -> store part of `execute`, under the config's lock."""
+                    models: ModelCache | None, log: Any, write: bool = True) -> tuple[dict[str, Any], bool]:
+    """The check -> run -> store part of `execute`, under the config's lock (store: only when `write`)."""
+    append = store.append if write else (lambda _row: None)
     if not force and (old := store.find_ok(res.config_hash)) is not None:
         return old, True
     models = models or ModelCache()
@@ -379,9 +517,9 @@ def _execute_locked(cfg: RunConfig, res: Resolved, store: ResultStore, cache: Pa
         row["status"] = "failed"
         row["error"] = ("CUDA out of memory: " if oom else "") + f"{type(e).__name__}: {e}"
         row["traceback"] = traceback.format_exc(limit=8)
-        store.append(row)
+        append(row)
         raise RunFailed(row) from e
-    store.append(row)
+    append(row)
     return row, False
 
 
@@ -412,14 +550,15 @@ def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, lo
                if dropped else "")
         raise UserError(f"editor '{cfg.editor}' meta-trains, but task '{cfg.task}' has no training requests{why}; "
                         "give --train-data FILE with requests that are not in --data")
-    with measure(res.device) as prep:
+    devices = em.devices  # where the weights are: a device map may spread them over several GPUs
+    with measure(devices) as prep:
         editor.prepare(train)
     requests = res.task.sample(cfg.n_edits, cfg.seed)
     set_seed(cfg.seed)
-    with measure(res.device, interval_s=0.002) as ed:
+    with measure(devices, interval_s=0.002) as ed:
         edit = editor.edit(requests)
         edit.check_finite()
-    with measure(res.device) as ev:
+    with measure(devices) as ev:
         pre = evaluate(em, requests)
         with edit.applied(em.model):
             post = evaluate(em, requests)
@@ -429,6 +568,7 @@ def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, lo
         "peak_mem_prepare_bytes": prep.peak_bytes,
         "peak_mem_edit_bytes": ed.peak_bytes,
         "mem_kind": ed.mem_kind,
+        **per_device_fields(prep, ed),
         "mean_residual": edit.mean_residual,
         "n_skipped_records": res.task.n_skipped,
         "info": {"prepare": editor.prepare_info(), "edit": edit.info, "model": em.info,
@@ -448,6 +588,6 @@ def run_one(cfg: RunConfig | None = None, results: str | Path = "results", *, ca
         cfg = dataclasses.replace(cfg or RunConfig(), **fields)
     cfg = cfg or RunConfig()
     if dry_run:
-        return plan(resolve(cfg), results, cache_dir, force)
+        return plan(resolve(cfg, cache_dir if cache_dir is not None else results), results, cache_dir, force)
     row, _ = execute(cfg, results, force=force, log=log, cache_dir=cache_dir)
     return row

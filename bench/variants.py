@@ -14,8 +14,9 @@ from typing import Any
 from bench.config import canonical_json, stable_hash
 
 # Task-config fields that are not a choice of the variant: the data files are identified by content
-# (`data_id`), and skipping bad records is recorded in the row.
-_TASK_IO_FIELDS = ("data", "train_data", "skip_bad")
+# (`data_id`; `source`, shipped or full, is not even stored: bench.run records the files it chose),
+# and skipping bad records is recorded in the row.
+_TASK_IO_FIELDS = ("data", "train_data", "skip_bad", "source")
 
 
 def _plain(obj: Any) -> Any:

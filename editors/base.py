@@ -19,6 +19,28 @@ if TYPE_CHECKING:
     from bench.models import EditableModel
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def delta_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an editor keeps a weight's shift in: float32 for half-precision weights, else the weight's own.
+
+    A bfloat16 shift of a bfloat16 weight would be rounded twice (the shift, then the sum); kept in
+    float32 it is rounded once, when added (`add_delta_`).
+    """
+    return torch.float32 if weight_dtype in HALF_DTYPES else weight_dtype
+
+
+@torch.no_grad()
+def add_delta_(param: Tensor, delta: Tensor) -> None:
+    """param += delta, cast to the parameter's device; half-precision weights are summed in float32 and rounded once."""
+    d = delta.to(device=param.device)
+    if param.dtype in HALF_DTYPES:
+        param.copy_(param.float() + d.float())
+    else:  # float32/float64: exactly the in-place add of before
+        param.add_(d.to(dtype=param.dtype))
+
+
 @dataclass
 class Edit:
     """Additive weight shifts produced by one batch edit, plus diagnostics."""
@@ -34,12 +56,11 @@ class Edit:
         missing = [n for n in self.deltas if n not in params]
         if missing:
             raise KeyError(f"edit names parameters the model does not have: {missing}")
-        # Keep exact copies: (w + d) - d is not always w in floating point.
+        # Keep exact copies: (w + d) - d is not always w in floating point (in bfloat16 it rarely is).
         saved = {n: params[n].detach().clone() for n in self.deltas}
         try:
-            with torch.no_grad():
-                for n, d in self.deltas.items():
-                    params[n].add_(d.to(device=params[n].device, dtype=params[n].dtype))
+            for n, d in self.deltas.items():
+                add_delta_(params[n], d)
             yield model
         finally:
             with torch.no_grad():
@@ -76,6 +97,9 @@ class Editor(ABC):
     # Task/model kinds ("lm" causal LM, "cls" classifier) it can edit; `bench.run.resolve` checks it
     # before any model loads (a classifier alias is trained first, minutes lost before a refusal).
     supported_kinds: ClassVar[frozenset[str]] = frozenset({"lm", "cls"})
+    # Whether it edits encoder-decoder LMs (T5); checked before a built-in model loads (bench.run.check_fit)
+    # and, for a Hugging Face id, by the editor itself once the model is loaded.
+    edits_seq2seq: ClassVar[bool] = True
 
     def __init__(self, model: EditableModel, hparams: Any = None, ctx: EditorContext | None = None):
         self.model = model
@@ -169,3 +193,10 @@ def parse_value(text: str, annotation: Any) -> Any:
 
 class UnsupportedTask(ValueError):
     """The editor cannot edit this kind of model/task (e.g. MEMIT on a classifier); the CLI exits 2."""
+
+
+def seq2seq_refusal(editor: str, model: str) -> str:
+    """The one-line refusal of an editor that does not edit encoder-decoder models."""
+    able = sorted(n for n, c in EDITORS.items() if c.edits_seq2seq)
+    return (f"editor '{editor}' edits decoder-only language models only, but '{model}' is an encoder-decoder "
+            f"(T5) model; editors that can: {', '.join(able)}")

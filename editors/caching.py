@@ -8,6 +8,8 @@ plain sum); without weights it is the plain sum. By default only the positions t
 output an answer token are cached (labels != -100, MALMEN); `cache="all"` caches every non-pad
 token (Table 1's "cache all tokens" ablation). Classifiers (em.kind == "cls") use the
 cross-entropy of the target label and cache position 0 (the [CLS] token that feeds the head).
+Encoder-decoder LMs (T5) choose per module (`EditableModel.key_mask`, as the official code): an
+encoder module caches every non-pad prompt token, a decoder module the answer positions.
 
 Keys are module inputs and values module outputs whatever the weight layout (GPT-2's Conv1D
 stores (in, out)), so no layout handling is needed here.
@@ -72,7 +74,7 @@ def shifted(em: EditableModel, shifts: dict[str, Tensor]) -> Iterator[None]:
 
     def make(s: Tensor):
         def hook(_mod, inputs, output):
-            return output + inputs[0] @ s.T.to(output.dtype)
+            return output + inputs[0] @ s.T.to(device=output.device, dtype=output.dtype)
         return hook
 
     handles = [em.module(n).register_forward_hook(make(s)) for n, s in shifts.items()]
@@ -114,7 +116,11 @@ class PrefixReuse:
     """
 
     def __init__(self, em: EditableModel, modules: Sequence[str]):
-        found = [em.block_of(n) for n in modules]
+        # Encoder-decoder: the encoder runs whole before the decoder, and every decoder block reads the
+        # (edited) encoder output through cross-attention, so only the encoder's prefix can be replayed
+        # when an encoder module is edited; with decoder modules alone, the decoder's prefix can.
+        enc = [n for n in modules if em.is_encoder_module(n)]
+        found = [em.block_of(n) for n in (enc or modules)]
         self.blocks = found[0][0]
         if any(b is not self.blocks for b, _ in found):
             raise ValueError("edited modules live in more than one list of blocks")
@@ -162,18 +168,18 @@ def full_precision(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _positions(em: EditableModel, mask_attn: Tensor, labels: Tensor | None, cache: str) -> Tensor:
-    """Boolean (B, T) mask of the cached positions."""
+def _positions(em: EditableModel, enc: Any, module: str, cache: str) -> Tensor:
+    """Boolean (B, T) mask of the positions of `module`'s input that are cached."""
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if em.kind != "cls":
+        return em.key_mask(module, enc, cache)
+    mask_attn = enc["attention_mask"].to(em.device)
     if cache == "all":
         return mask_attn.bool()
-    if em.kind == "cls":
-        pos = torch.zeros_like(mask_attn, dtype=torch.bool)
-        pos[:, 0] = True
-        return pos
-    assert labels is not None
-    return labels != -100
+    pos = torch.zeros_like(mask_attn, dtype=torch.bool)
+    pos[:, 0] = True
+    return pos
 
 
 def micro_batches(em: EditableModel, prompts: Sequence[str], targets: Sequence[str], size: int) -> list[list[int]]:
@@ -221,15 +227,16 @@ def cache_tuples(em: EditableModel, prompts: Sequence[str], targets: Sequence[st
         w = None if weights is None else weights[idx]
         with torch.enable_grad(), recording(em, modules) as seen:
             loss, enc = weighted_nll(em, p, t, w)
-            if em.kind == "cls":
-                pos = _positions(em, enc["attention_mask"].to(dev), None, cache)
-            else:
-                pos = _positions(em, enc.attention_mask, enc.labels, cache)
             outs = [seen[n][1] for n in modules]
             g_out = torch.autograd.grad(loss, outs)
-        counts = pos.sum(1).tolist()
         for n, g in zip(modules, g_out, strict=True):
-            for store, rows in ((keys[n], seen[n][0].detach()[pos]), (grads[n], g.detach()[pos])):
+            pos = _positions(em, enc, n, cache).to(dev)  # per module: encoder and decoder positions differ
+            counts = pos.sum(1).tolist()
+            # float32 tuples for g_θ and the solves whatever the LM's dtype, gathered on its first device
+            # (a device map puts the edited layers elsewhere)
+            x, gv = seen[n][0].detach(), g.detach()
+            for store, rows in ((keys[n], full_precision(x[pos.to(x.device)]).to(dev)),
+                                (grads[n], full_precision(gv[pos.to(gv.device)]).to(dev))):
                 for i, part in zip(idx, rows.split(counts), strict=True):
                     store[i] = part
     return Tuples({n: torch.cat(v) for n, v in keys.items()}, {n: torch.cat(v) for n, v in grads.items()})

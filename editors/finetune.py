@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.progress import open_progress
-from editors.base import Edit, Editor, register_editor
+from editors.base import HALF_DTYPES, Edit, Editor, register_editor
+from editors.caching import full_precision
 from tasks.base import EditRequest
 
 
@@ -32,7 +33,24 @@ class FTHparams:
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean NLL over answer tokens."""
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten().to(logits.device), ignore_index=-100)
+    return F.cross_entropy(full_precision(logits).flatten(0, 1), labels.flatten().to(logits.device), ignore_index=-100)
+
+
+def _grads_to_master(params: dict[str, torch.nn.Parameter], master: dict[str, torch.Tensor]) -> None:
+    """Hand each half-precision weight's gradient to its float32 master copy (float32 weights are their own master)."""
+    for n, m in master.items():
+        p = params[n]
+        if m is not p:
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+
+@torch.no_grad()
+def _master_to_weights(params: dict[str, torch.nn.Parameter], master: dict[str, torch.Tensor]) -> None:
+    """Round the stepped master copies into the half-precision weights the model runs on."""
+    for n, m in master.items():
+        if m is not params[n]:
+            params[n].copy_(m)
 
 
 @register_editor("ft")
@@ -54,7 +72,12 @@ class FineTune(Editor):
         flags = {n: p.requires_grad for n, p in params.items()}
         for n, p in params.items():
             p.requires_grad_(n in original)
-        opt = torch.optim.AdamW([params[n] for n in names], lr=hp.lr, weight_decay=hp.weight_decay)
+        # AdamW steps a float32 master copy of half-precision weights (an lr-5e-4 step is below
+        # bfloat16's resolution for most entries: updated in place they would barely move); the model
+        # runs on the master rounded to the weights' dtype. float32/float64 weights are stepped directly.
+        master = {n: params[n].detach().float().requires_grad_(True) if params[n].dtype in HALF_DTYPES else params[n]
+                  for n in names}
+        opt = torch.optim.AdamW([master[n] for n in names], lr=hp.lr, weight_decay=hp.weight_decay)
         order = list(range(len(requests)))
         rng = random.Random(self.ctx.seed)
         steps = hp.epochs * ((len(requests) + hp.batch_size - 1) // hp.batch_size)
@@ -70,9 +93,12 @@ class FineTune(Editor):
                         loss = self._loss(batch)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
+                        _grads_to_master(params, master)
                         opt.step()
+                        _master_to_weights(params, master)
                         prog.update(bar, advance=1, status=f"loss {loss.item():.3f}")
-            deltas = {n: (params[n].detach() - original[n]) for n in names}
+            # the shift in the master's precision: float32 for half-precision weights (rounded once, when applied)
+            deltas = {n: (master[n].detach() - original[n].to(master[n].dtype)) for n in names}
         finally:
             with torch.no_grad():
                 for n, w in original.items():
@@ -87,6 +113,6 @@ class FineTune(Editor):
         em = self.model
         if em.kind == "cls":
             logits = em.logits(em.encode_text([r.prompt for r in batch]))
-            return F.cross_entropy(logits, em.label_ids([r.target for r in batch]).to(logits.device))
+            return F.cross_entropy(full_precision(logits), em.label_ids([r.target for r in batch]).to(logits.device))
         enc = em.encode([r.prompt for r in batch], [r.target for r in batch])
         return lm_loss(em.logits(enc), enc.labels)

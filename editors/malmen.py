@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from editors.base import Edit, Editor, register_editor
+from editors.base import Edit, Editor, delta_dtype, register_editor
 from editors.caching import CACHE_MODES
 from editors.checkpoint import (
     checkpoint_dir,
@@ -128,7 +128,8 @@ class MalmenEditor(Editor):
             torch.manual_seed(self.ctx.seed)
             net = HyperNet(dims, hp.rank, hp.n_blocks, hp.edit_lr, hp.lam_init, hp.block)
         p = next(self.model.model.parameters())
-        net.to(device=p.device, dtype=p.dtype)
+        # g_θ runs in float32 for a bfloat16/float16 LM (its tuples are cast up in editors/caching.py)
+        net.to(device=p.device, dtype=delta_dtype(p.dtype))
         for norm in (m for m in net.modules() if hasattr(m, "m2")):  # statistics stay float64
             norm.to(torch.float64)
         return net.eval()

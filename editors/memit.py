@@ -65,7 +65,16 @@ from torch import Tensor
 from bench.metrics import relative_residual
 from bench.models import EditableModel, LMBatch
 from bench.progress import open_progress
-from editors.base import Edit, Editor, UnsupportedTask, register_editor
+from editors.base import (
+    Edit,
+    Editor,
+    UnsupportedTask,
+    add_delta_,
+    delta_dtype,
+    register_editor,
+    seq2seq_refusal,
+)
+from editors.caching import full_precision
 from editors.solvers import SolveStats, require_finite, solve_spd
 from editors.stats import LayerStats, corpus_for, layer_second_moments
 from editors.zcache import PrefixCache
@@ -196,12 +205,15 @@ class MEMIT(Editor):
 
     hparams_cls = MEMITHparams
     supported_kinds = frozenset({"lm"})  # the value optimisation needs next-token answers
+    edits_seq2seq = False  # keys and z live in one residual stream read by the next token (decoder-only)
 
     def __init__(self, model: EditableModel, hparams: Any = None, ctx: Any = None):
         if model.kind != "lm":
             raise UnsupportedTask(
                 f"MEMIT edits causal language models only; '{model.name}' is a {model.kind} model "
                 "(use malmen, mend or ft for classification tasks)")
+        if model.is_seq2seq:  # a Hugging Face T5: refused after loading, before any statistics
+            raise UnsupportedTask(seq2seq_refusal("memit", model.name))
         super().__init__(model, hparams, ctx)
         # Hparams left at None take the model's rules; the row's config keeps None (= "by rule") and
         # `prepare_info` records the values used.
@@ -281,7 +293,7 @@ class MEMIT(Editor):
         need = len(inputs_of) + len(outputs_of)
 
         def grab(key: str, h: Tensor) -> None:
-            got[key] = h[idx, pos].detach().clone()
+            got[key] = h[idx.to(h.device), pos.to(h.device)].detach().clone()  # device map: h's own device
             if len(got) == need:
                 raise _Stop
 
@@ -323,8 +335,10 @@ class MEMIT(Editor):
             got = self._capture(rows, [layer], [last_block])
             ks.append(got["in:" + layer])
             hs.append(got["out:" + last_block])
-        k = torch.cat(ks).view(len(requests), n_ctx, -1)
-        h = torch.cat(hs).view(len(requests), n_ctx, -1)[:, 0]
+        # float32 before averaging whatever the LM's dtype (bfloat16 keeps 8 bits of mantissa)
+        # (and on the first device: a device map puts the layers elsewhere)
+        k = full_precision(torch.cat(ks)).to(self.model.device).view(len(requests), n_ctx, -1)
+        h = full_precision(torch.cat(hs)).to(self.model.device).view(len(requests), n_ctx, -1)[:, 0]
         # MEMIT averages within each context type, then across types (bare; sampled prefixes).
         k = k[:, 0] if n_ctx == 1 else 0.5 * (k[:, 0] + k[:, 1:].mean(1))
         return k, h
@@ -387,19 +401,24 @@ class MEMIT(Editor):
         if hp.z_cache == "prefix":
             # MEMIT's target_init (the original state, bare prompt = row 0 of each request), then the
             # δ-independent prefix of every row, both once per chunk.
-            with torch.no_grad():
-                state["h0"] = self._capture(rows, [], [last_block])["out:" + last_block][:n_rw:n_ctx]
+            with torch.no_grad():  # h0 in float32: z = h0 + δ is a float32 target whatever the LM's dtype
+                state["h0"] = full_precision(self._capture(rows, [], [last_block])["out:" + last_block][:n_rw:n_ctx]).to(dev)
                 prefix = PrefixCache(base, b.input_ids, b.attention_mask, pos)
 
         def add_delta(_mod: torch.nn.Module, _args: Any, out: Any) -> Any:
             h = _first_output(out)
             if "h0" not in state:  # z_cache=none: MEMIT's target_init, read in the first forward
-                state["h0"] = h[ridx[:n_rw:n_ctx], pos[:n_rw:n_ctx]].detach().clone()
+                at0 = (ridx[:n_rw:n_ctx].to(h.device), pos[:n_rw:n_ctx].to(h.device))
+                state["h0"] = full_precision(h[at0].detach().clone()).to(dev)
+            # δ stays float32 (Adam's state with it); what enters the stream is cast to the block's
+            # dtype and device (a device map may put the block on another GPU than δ)
             if prefix is not None and prefix.rows_now is not None:  # a step over one group's suffix
                 rows_now = prefix.rows_now
                 at = (torch.arange(rows_now.numel(), device=dev), pos[rows_now] - prefix.offset)
-                return _replace_output(out, h.index_put(at, delta[row_owner[rows_now]].to(h.dtype), accumulate=True))
-            h = h.index_put((ridx, pos), delta[row_owner].to(h.dtype), accumulate=True)
+                add = delta[row_owner[rows_now]].to(device=h.device, dtype=h.dtype)
+                return _replace_output(out, h.index_put(tuple(i.to(h.device) for i in at), add, accumulate=True))
+            add = delta[row_owner].to(device=h.device, dtype=h.dtype)
+            h = h.index_put((ridx.to(h.device), pos.to(h.device)), add, accumulate=True)
             return _replace_output(out, h)
 
         params = list(em.model.parameters())
@@ -417,6 +436,7 @@ class MEMIT(Editor):
                     hid = base(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
                 else:  # only live requests' rows, only the positions δ reaches
                     hid = prefix.run((~done)[row_owner], d)
+                hid = hid.to(dev)  # a device map leaves the last block's output on the last GPU
                 # Logits only where needed: answer positions of rewriting rows, subject token of KL rows.
                 logp = torch.log_softmax(head(hid[tok_r, tok_t]).float(), -1)
                 tok_nll = -logp.gather(1, tok_y[:, None]).squeeze(1)
@@ -483,10 +503,10 @@ class MEMIT(Editor):
                     dw = self.layer_update(k.double(), r, self._stats[layer].mom2, hp.mom2_update_weight, stats,
                                            layer=layer)
                     residuals.append(relative_residual(dw, k.double(), r))
-                    # Later layers' keys and residuals are read on the model with this update applied.
-                    deltas[names[i]] = em.to_param_layout(layer, dw.to(params[names[i]].dtype))
-                    with torch.no_grad():
-                        params[names[i]].add_(deltas[names[i]])
+                    # Later layers' keys and residuals are read on the model with this update applied. A
+                    # half-precision weight's shift stays float32 (rounded once, when added: add_delta_).
+                    deltas[names[i]] = em.to_param_layout(layer, dw.to(delta_dtype(params[names[i]].dtype)))
+                    add_delta_(params[names[i]], deltas[names[i]])
                     prog.update(bar, advance=1, status=f"residual {residuals[-1]:.3g}")
         finally:
             with torch.no_grad():
@@ -507,5 +527,5 @@ class MEMIT(Editor):
         k = keys.double()
         a = weight * mom2.to(device=k.device, dtype=torch.float64) + k.T @ k
         x = solve_spd(a, k.T, stats, layer=layer)  # (d_in, m) = A⁻¹ Kᵀ (A symmetric)
-        return resid.double().T @ x.T
+        return resid.to(device=k.device, dtype=torch.float64).T @ x.T  # the layer's device under a device map
 

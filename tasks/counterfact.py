@@ -13,7 +13,9 @@ used (EditRequest has no slot for ROME's attribute-specificity probes).
 
 The format is detected per file from its first record. Split: the shipped EasyEdit
 `counterfact-train.json` (10,000 cases) is for meta-training, `counterfact-val.json` (1,919
-cases, disjoint case ids) is the evaluation pool.
+cases, disjoint case ids) is the evaluation pool. With `source=full` (tasks/sources.py) ROME's
+`counterfact.json` is split by the same case ids: the shipped train file's cases are meta-training,
+every other case is the evaluation pool (`CounterFact.full_train_indices`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.base import DataError, EditRequest, Field, TaskConfig, check_record, register_task
-from tasks.files import FileTask, RecordFormat, check_nested
+from tasks.base import (
+    DATA_DIR,
+    DataError,
+    EditRequest,
+    Field,
+    TaskConfig,
+    check_record,
+    read_records,
+    register_task,
+)
+from tasks.files import FileTask, LoadedFile, RecordFormat, check_nested
+from tasks.sources import RemoteFile
 
 EASYEDIT_SPEC = [
     Field("prompt"),
@@ -53,7 +65,9 @@ ROME_FIELDS = {"prompt": "requested_rewrite.prompt", "target": "requested_rewrit
 
 @dataclass
 class CounterFactConfig(TaskConfig):
-    """CounterFact options: only the shared data options (the target is always target_new)."""
+    """CounterFact options: the shared data options and `source` (the target is always target_new)."""
+
+    source: str = "auto"  # "shipped" EasyEdit files, "full" ROME counterfact.json, "auto": full when cached or reachable
 
 
 def check_easyedit(path: str | Path, i: int, rec: Any) -> None:
@@ -65,7 +79,8 @@ def convert_easyedit(rec: dict) -> EditRequest:
     """EasyEdit CounterFact record -> EditRequest (target = target_new)."""
     return EditRequest(prompt=rec["prompt"], target=rec["target_new"], rephrases=(rec["rephrase_prompt"],),
                        locality_prompt=rec["locality_prompt"], locality_answer=rec["locality_ground_truth"],
-                       subject=rec["subject"])
+                       subject=rec["subject"], target_true=rec.get("ground_truth"),
+                       neighborhood_prompts=(rec["locality_prompt"],))
 
 
 def check_rome(path: str | Path, i: int, rec: Any) -> None:
@@ -88,7 +103,9 @@ def convert_rome(rec: dict) -> EditRequest:
     return EditRequest(prompt=rw["prompt"].replace("{}", rw["subject"]), target=rw["target_new"]["str"],
                        rephrases=tuple(rec["paraphrase_prompts"]),
                        locality_prompt=rec["neighborhood_prompts"][0], locality_answer=rw["target_true"]["str"],
-                       subject=rw["subject"])
+                       subject=rw["subject"], target_true=rw["target_true"]["str"],
+                       neighborhood_prompts=tuple(rec["neighborhood_prompts"]),
+                       generation_prompts=tuple(p for p in rec.get("generation_prompts", ()) if isinstance(p, str)))
 
 
 @register_task("counterfact")
@@ -98,6 +115,22 @@ class CounterFact(FileTask):
     config_cls = CounterFactConfig
     shipped_train = "counterfact/counterfact-train.json"
     shipped_eval = "counterfact/counterfact-val.json"
+    full_files = (RemoteFile("counterfact.json", "both", "ROME's CounterFact (all cases)"),)
+    full_split = "case ids of the shipped EasyEdit counterfact-train.json -> train, every other case -> eval"
+
+    def full_train_indices(self, f: LoadedFile) -> set[int]:
+        """Records of ROME's counterfact.json whose case id is in the shipped EasyEdit train file.
+
+        The EasyEdit files keep ROME's case ids (train and val disjoint), so the full file splits
+        the way the shipped one does: the same meta-training cases, every other case evaluated.
+        """
+        train_ids = {r.get("case_id") for r in read_records(DATA_DIR / self.shipped_train) if isinstance(r, dict)}
+        out = {i for i, r in enumerate(read_records(f.path))
+               if isinstance(r, dict) and isinstance(r.get("case_id"), int) and r["case_id"] in train_ids}
+        if not out:
+            raise DataError(f.path, None, "case_id", "no case id matches the shipped EasyEdit train file, "
+                                                     "so the file cannot be split into train and eval")
+        return out
 
     def formats(self) -> list[RecordFormat]:
         """ROME schema if the first record has `requested_rewrite`, else EasyEdit."""

@@ -4,14 +4,16 @@ A `FileTask` reads its shipped files, or the user's (`TaskConfig.data` replaces 
 pool, `TaskConfig.train_data` the meta-training data), and records in `data_info` each file's
 sha256, record count and format, so the run's config hash separates runs on different data.
 Records are parsed with the standard library (`read_records`), not `datasets`: arrow's type
-inference fails on a whole column and cannot say which record is malformed.
+inference fails on a whole column and cannot say which record is malformed. The public full files
+(`source=full`, tasks/sources.py) replace the shipped ones when the caller passes their local
+copies (`downloaded=`); `hf:` data (tasks/hub_data.py) goes through the same validation.
 """
 
 from __future__ import annotations
 
 import hashlib
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,6 +30,7 @@ from tasks.base import (
     read_records,
     split_indices,
 )
+from tasks.sources import DEFAULT_ROOT, RemoteFile, check_source, is_hub_spec
 
 SPLIT_SEED = 1234  # fixed so that splits never depend on the run seed
 
@@ -49,13 +52,14 @@ class LoadedFile:
     """The valid requests of one data file and where they came from."""
 
     path: Path
-    sha256: str
+    sha256: str | None  # None for a Hub dataset: its `info["revision"]` identifies the content
     n_records: int
     format: str
     indices: list[int]  # position in the file of each request
     requests: list[EditRequest]
     skipped: int
     fields: dict[str, str] = field(default_factory=dict)  # RecordFormat.fields of its format
+    info: dict[str, Any] = field(default_factory=dict)  # extra provenance (url, dataset revision) for data_info
 
 
 def file_sha256(path: str | Path) -> str:
@@ -98,9 +102,15 @@ def detect_format(path: Path, records: Sequence[Any], formats: Sequence[RecordFo
 def load_file(path: str | Path, formats: Sequence[RecordFormat], task: str, skip_bad: bool) -> LoadedFile:
     """Read, detect the format of, validate and convert one data file."""
     path = Path(path)
-    records = read_records(path, skip_bad)
+    records = read_records(path, skip_bad)  # first: a missing file or a folder is a DataError naming it
+    return convert_records(path, file_sha256(path), records, formats, task, skip_bad)
+
+
+def convert_records(path: Path, sha256: str | None, records: Sequence[Any], formats: Sequence[RecordFormat],
+                    task: str, skip_bad: bool) -> LoadedFile:
+    """Detect the format of, validate and convert records read from `path` (a file, or a dataset's name)."""
     fmt = detect_format(path, records, formats, task)
-    out = LoadedFile(path, file_sha256(path), len(records), fmt.name, [], [], 0, fmt.fields)
+    out = LoadedFile(path, sha256, len(records), fmt.name, [], [], 0, fmt.fields)
     for i, rec in enumerate(records):
         try:
             fmt.check(path, i, rec)
@@ -130,14 +140,57 @@ class FileTask(Task):
     shipped_train: ClassVar[str]  # path under tasks/data/
     shipped_eval: ClassVar[str]  # same path as shipped_train: split it by `train_fraction`
     train_fraction: ClassVar[float] = 0.4
+    # The public full data (`source=full`, tasks/sources.py); bench/download.py fetches it.
+    full_files: ClassVar[tuple[RemoteFile, ...]] = ()
+    full_split: ClassVar[str] = ""  # how a full file with role "both" is split, for data_info["split"]
 
-    def __init__(self, config: Any = None):
+    def __init__(self, config: Any = None, *, downloaded: Mapping[str, str | Path] | None = None):
+        """`downloaded`: RemoteFile name -> local copy of the full files; given, they replace the shipped ones."""
         super().__init__(config)
+        self.downloaded = {name: Path(p) for name, p in (downloaded or {}).items()}
+        self._full_train: dict[Path, set[int]] = {}
+        self._check_source()
         self._splits = self._load()  # "train" / "eval" -> [(origin, request)]
 
     @abstractmethod
     def formats(self) -> list[RecordFormat]:
         """Accepted record formats, tried in order on a file's first record."""
+
+    def full_train_indices(self, f: LoadedFile) -> set[int]:
+        """Record indices of a full file with role "both" that are meta-training; the rest are evaluation."""
+        raise NotImplementedError(f"task '{self.name}' has no rule to split {f.path.name}")
+
+    def _check_source(self) -> None:
+        """ValueError for an unknown `source`, or `source=full` without the downloaded files it needs."""
+        source = getattr(self.config, "source", "shipped")
+        check_source(source)
+        if source == "shipped" and self.downloaded:
+            raise ValueError(f"{self.name}: source=shipped, but downloaded files were given")
+        uses_defaults = not (self.config.data and self.config.train_data)
+        if source == "full" and uses_defaults and not self.downloaded:
+            raise ValueError(f"{self.name}: source=full needs the downloaded files "
+                             f"({', '.join(f.name for f in self.full_files) or 'none defined'}); "
+                             "bench run fetches them (bench/download.py)")
+
+    def _full_path(self, role: str) -> Path:
+        """The local copy of the full file that feeds `role` ("train" or "eval")."""
+        for f in self.full_files:
+            if f.role in (role, "both"):
+                if f.name not in self.downloaded:
+                    raise ValueError(f"{self.name}: downloaded files lack {f.name}")
+                return self.downloaded[f.name]
+        raise ValueError(f"{self.name}: no full file for the {role} split")
+
+    def _full_part(self, f: LoadedFile, role: str,
+                   reqs: list[tuple[Origin, EditRequest]]) -> list[tuple[Origin, EditRequest]]:
+        """The requests of full file `f` that belong to `role`: all of them, or its share of a "both" file."""
+        both = any(rf.name == f.path.name and rf.role == "both" for rf in self.full_files)
+        if not both:
+            return reqs
+        if f.path not in self._full_train:  # one rule, read once for both splits
+            self._full_train[f.path] = self.full_train_indices(f)
+        train = self._full_train[f.path]
+        return [(o, r) for o, r in reqs if (o.index in train) == (role == "train")]
 
     def train_split(self) -> list[EditRequest]:
         """Meta-training requests; never shares an edit prompt with the evaluation pool."""
@@ -160,20 +213,28 @@ class FileTask(Task):
         return True
 
     def _read(self, path: str | Path, skip_bad: bool) -> LoadedFile:
-        f = load_file(path, self.formats(), self.name, skip_bad)
+        if is_hub_spec(path):
+            from tasks.hub_data import load_hub  # imports `datasets` only when a dataset is asked for
+
+            f = load_hub(str(path), self.formats(), self.name, skip_bad)
+        else:
+            f = load_file(path, self.formats(), self.name, skip_bad)
         self.n_skipped += f.skipped
         return f
 
     def _describe(self, role: str, f: LoadedFile, source: str, n_used: int) -> None:
+        # A full file is named by its file name (its local folder differs between machines).
+        shown = {"shipped": _rel(f.path), "full": f.path.name}.get(source, str(f.path))
         self.data_info.update({
             f"{role}_source": source,
-            f"{role}_path": _rel(f.path) if source == "shipped" else str(f.path),
+            f"{role}_path": shown,
             f"{role}_sha256": f.sha256,
             f"{role}_records": f.n_records,
             f"{role}_format": f.format,
             f"{role}_skipped": f.skipped,
             f"{role}_requests": n_used,
         })
+        self.data_info.update({f"{role}_{k}": v for k, v in f.info.items()})  # only full and hf: files have info
 
     def _load(self) -> dict[str, list[tuple[Origin, EditRequest]]]:
         cfg = self.config
@@ -184,12 +245,13 @@ class FileTask(Task):
         def shipped(path: Path) -> LoadedFile:
             # Shipped files are valid as shipped; records unusable under an option (e.g. an empty
             # `alt` with target=alt) are skipped and counted rather than failing a default run.
+            # The public full files are treated alike: nobody here can fix them.
             if path not in cache:
                 cache[path] = self._read(path, skip_bad=True)
             return cache[path]
 
         def requests(f: LoadedFile, source: str) -> list[tuple[Origin, EditRequest]]:
-            return [(Origin(str(f.path), i, f.fields, shipped=source == "shipped"), r)
+            return [(Origin(str(f.path), i, f.fields, shipped=source in ("shipped", "full")), r)
                     for i, r in zip(f.indices, f.requests, strict=True)]
 
         def part(f: LoadedFile, train: bool) -> list[tuple[Origin, EditRequest]]:
@@ -198,26 +260,32 @@ class FileTask(Task):
             keep = set(split_indices(f.n_records, self.train_fraction, SPLIT_SEED)[0 if train else 1])
             return [(o, r) for o, r in requests(f, "shipped") if o.index in keep]
 
-        if cfg.data:
-            ev_file = self._read(cfg.data, cfg.skip_bad)
-            eval_reqs, eval_source = requests(ev_file, "user"), "user"
-        else:
-            ev_file = shipped(shipped_eval)
-            eval_reqs, eval_source = part(ev_file, train=False), "shipped"
-        if cfg.train_data:
-            tr_file = self._read(cfg.train_data, cfg.skip_bad)
-            train_reqs, train_source = requests(tr_file, "user"), "user"
-        else:
-            tr_file = shipped(shipped_train)
-            train_reqs, train_source = part(tr_file, train=True), "shipped"
+        def default(role: str) -> tuple[LoadedFile, list[tuple[Origin, EditRequest]], str]:
+            """(file, requests, source) of a split the user gave no file for: a full file, or the shipped one."""
+            if self.downloaded:
+                f = shipped(self._full_path(role))
+                f.info["url"] = f"{DEFAULT_ROOT}/{f.path.name}"  # the public file (a mirror serves the same bytes)
+                return f, self._full_part(f, role, requests(f, "full")), "full"
+            f = shipped(shipped_train if role == "train" else shipped_eval)
+            return f, part(f, train=role == "train"), "shipped"
+
+        def user(path: str) -> tuple[LoadedFile, list[tuple[Origin, EditRequest]], str]:
+            f, source = self._read(path, cfg.skip_bad), "hf" if is_hub_spec(path) else "user"
+            return f, requests(f, source), source
+
+        ev_file, eval_reqs, eval_source = user(cfg.data) if cfg.data else default("eval")
+        tr_file, train_reqs, train_source = user(cfg.train_data) if cfg.train_data else default("train")
         # Meta-training on an evaluated edit would inflate the scores; drop shared prompts.
         eval_prompts = {r.prompt for _, r in eval_reqs}
         kept = [(o, r) for o, r in train_reqs if r.prompt not in eval_prompts]
         self._describe("eval", ev_file, eval_source, len(eval_reqs))
         self._describe("train", tr_file, train_source, len(kept))
         self.data_info["train_overlap_dropped"] = len(train_reqs) - len(kept)
-        if one_file and not cfg.data and not cfg.train_data:
+        if one_file and not cfg.data and not cfg.train_data and not self.downloaded:
             self.data_info["split"] = f"{self.train_fraction:.0%} train / rest eval, shuffle seed {SPLIT_SEED}"
+        if self.downloaded and self.full_split and not cfg.data and not cfg.train_data:
+            self.data_info["split"] = self.full_split
         if cfg.data and not cfg.train_data:
-            self.data_info["train_note"] = "no train_data given: meta-training uses the shipped train split"
+            self.data_info["train_note"] = ("no train_data given: meta-training uses the "
+                                            f"{'full' if self.downloaded else 'shipped'} train split")
         return {"train": kept, "eval": eval_reqs}

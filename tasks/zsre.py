@@ -11,17 +11,22 @@ and have no question mark, the first letter is capitalised and "?" appended (MAL
 too), so they read like the edit questions ("Who voiced gaston in beauty and the beast 1991?").
 
 Split: the shipped file is the 1,000-record MEND zsRE train subset (the eval file was not
-available); it is split 40% meta-training / 60% evaluation (400 / 600) by a fixed shuffle.
+available); it is split 40% meta-training / 60% evaluation (400 / 600) by a fixed shuffle. With
+`source=full` (tasks/sources.py) the public MEND-format files are used instead: the train file
+`zsre_mend_train.json` is the meta-training data and the eval file `zsre_mend_eval.json` (the one
+kmeng01/rome and kmeng01/memit evaluate on) the evaluation pool.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.base import DataError, EditRequest, Field, TaskConfig, check_record, is_blank, register_task
 from tasks.files import FileTask, RecordFormat
+from tasks.sources import RemoteFile
 
 NQ_PREFIX = "nq question: "
 TARGETS = ("answers", "alt")
@@ -29,9 +34,10 @@ TARGETS = ("answers", "alt")
 
 @dataclass
 class ZsreConfig(TaskConfig):
-    """zsRE options: which answer is the edit target."""
+    """zsRE options: which answer is the edit target, and which data (`source`, tasks/sources.py)."""
 
     target: str = "answers"  # "answers" = answers[0] (correct answer, MALMEN/MEMIT); "alt" = alternative
+    source: str = "auto"  # "shipped" subset, "full" public files, "auto": full when cached or reachable
 
 
 def as_question(loc: str) -> str:
@@ -50,12 +56,14 @@ class Zsre(FileTask):
     shipped_train = "zsre/zsre_mend_train-1k.json"
     shipped_eval = "zsre/zsre_mend_train-1k.json"
     train_fraction = 0.4
+    full_files = (RemoteFile("zsre_mend_train.json", "train", "MEND-format zsRE train file"),
+                  RemoteFile("zsre_mend_eval.json", "eval", "MEND-format zsRE eval file"))
 
-    def __init__(self, config: ZsreConfig | None = None):
+    def __init__(self, config: ZsreConfig | None = None, *, downloaded: Mapping[str, str | Path] | None = None):
         cfg = config or ZsreConfig()
         if cfg.target not in TARGETS:
             raise ValueError(f"zsre: target must be one of {TARGETS}, got {cfg.target!r}")
-        super().__init__(cfg)
+        super().__init__(cfg, downloaded=downloaded)
 
     def formats(self) -> list[RecordFormat]:
         """The MEND/EasyEdit record format, validated for the selected target."""

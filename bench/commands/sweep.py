@@ -290,6 +290,14 @@ def sweep(
     edits: Annotated[str, typer.Option(help="comma-separated numbers of edits, e.g. 16,64,256,1024")] = "16,64",
     seeds: Annotated[str, typer.Option(help="comma-separated seeds, e.g. 0,1,2")] = "0",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="the model's weights: float32, bfloat16 or float16")] = "float32",
+    device_map: Annotated[str | None, typer.Option(
+        help="auto: accelerate spreads the model over the visible GPUs (or balanced, sequential, a device); "
+             "Hugging Face ids and folders only")] = None,
+    executor: Annotated[str, typer.Option(help="local: cells one after another here; ray: cells as Ray tasks")] = "local",
+    address: Annotated[str | None, typer.Option(help="--executor ray: the Ray cluster (default: start a local one)")] = None,
+    gpus_per_cell: Annotated[float, typer.Option(help="--executor ray: GPUs reserved per cell")] = 0.0,
+    cpus_per_cell: Annotated[float, typer.Option(help="--executor ray: CPUs reserved per cell")] = 1.0,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="key=value for every cell (task config or hparams); editor.key=value for one editor")] = None,
     results: Annotated[Path, typer.Option(help="result store folder")] = Path("results"),
@@ -303,13 +311,14 @@ def sweep(
 ) -> None:
     """Run editors x seeds x edit counts; resumes from the store; exit 0 all ok, 1 a cell failed, 2 bad input."""
     from bench.console import err, fail, out, show_plans
+    from bench.executors import ExecutorOptions, ExecutorUnavailable, get_executor
     from bench.run import UserError, plan, resolve
 
     try:
         cfgs = grid(parse_list(editors, "editors"), parse_list(edits, "edits", int), parse_list(seeds, "seeds", int),
                     model=model, task=task, device=device, overrides=C.parse_sets(set_),
                     data=str(data) if data else None, train_data=str(train_data) if train_data else None,
-                    skip_bad=skip_bad)
+                    skip_bad=skip_bad, dtype=dtype, device_map=device_map)
         if dry_run:
             resolved = [resolve(c) for c in cfgs]
             for note in dict.fromkeys(n for r in resolved for n in r.notes):
@@ -318,10 +327,12 @@ def sweep(
             return
         if json_:
             raise ValueError("--json is for --dry-run; a sweep's rows are in the store (bench report --results)")
-        res = run_sweep(cfgs, results, cache_dir=cache_dir, force=force, console=err)
+        run_cells = get_executor(executor)
+        opts = ExecutorOptions(address=address, gpus_per_cell=gpus_per_cell, cpus_per_cell=cpus_per_cell)
+        res = run_cells(cfgs, results, cache_dir=cache_dir, force=force, console=err, options=opts)
     except StoreWriteError as e:  # a finished cell's row is lost; the next cells would lose theirs too
         fail(str(e), 1)
-    except (UserError, ValueError, StoreError) as e:
+    except (UserError, ValueError, StoreError, ExecutorUnavailable) as e:
         fail(str(e), 2)
     except KeyboardInterrupt:
         fail("interrupted; finished cells are stored, rerun the same command to resume", 130)

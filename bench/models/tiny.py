@@ -87,8 +87,8 @@ class TinySpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def build_tokenizer(world: World) -> Any:
-    """Word-level tokenizer over the world's words, adding [BOS] in front of every text."""
+def build_tokenizer(world: World, single: str = "[BOS] $A") -> Any:
+    """Word-level tokenizer over the world's words; `single` places the specials ([BOS] in front by default)."""
     from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
@@ -98,7 +98,8 @@ def build_tokenizer(world: World) -> Any:
     vocab = {t: i for i, t in enumerate(list(SPECIALS) + words)}
     tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre
-    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])])
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(t, vocab[t]) for t in SPECIALS if t in single.split()])
     tok.decoder = decoders.WordPiece()  # joins words with spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
                                    bos_token="[BOS]", eos_token="[EOS]")
