@@ -29,6 +29,10 @@ class RunConfig:
     skip_bad: bool = False
     dtype: str = "float32"  # the model's weights: float32 | bfloat16 | float16 (bench.models.DTYPES)
     device_map: str | None = None  # "auto" etc.: from_pretrained spreads the model over the devices (accelerate)
+    batches: int | str = 1  # disjoint batches of n_edits, each edited from the unedited model; "all": every full one
+    generation: bool = True  # es_gen / gs_gen / ls_gen: greedy decoding from the prompt (bench/eval_extra.py)
+    cf_scores: bool = True  # CounterFact's probability scores where requests carry target_true
+    log_samples: bool = False  # per-probe records in <results>/samples/<run_id>.jsonl
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -60,7 +60,8 @@ def greedy_continuations(em: EditableModel, prompts: Sequence[str], answers: Seq
         gen = em.model.generate(input_ids=input_ids.to(em.device), attention_mask=attn.to(em.device),
                                 max_new_tokens=max(budgets), do_sample=False, num_beams=1, pad_token_id=pad_id,
                                 eos_token_id=tok.eos_token_id)
-        new = gen[:, T:].cpu()
+        # a decoder-only model returns prompt + continuation; an encoder-decoder one its decoder start + continuation
+        new = (gen[:, 1:] if em.is_seq2seq else gen[:, T:]).cpu()
         for b, budget in enumerate(budgets):
             ids = new[b, :budget].tolist()
             if tok.eos_token_id is not None and tok.eos_token_id in ids:

@@ -84,6 +84,7 @@ class Evaluation:
 
     metrics: dict[str, float]
     loc_pred: list[Tensor]
+    hits: dict[str, list[float]] = field(default_factory=dict)  # per probe kind: each probe's token accuracy
 
 
 def probes(requests: Sequence[EditRequest]) -> dict[str, tuple[list[str], list[str]]]:
@@ -101,15 +102,17 @@ def evaluate(em: EditableModel, requests: Sequence[EditRequest], batch_size: int
     score = score_cls if em.kind == "cls" else score_lm
     metrics: dict[str, float] = {}
     loc_pred: list[Tensor] = []
+    hits: dict[str, list[float]] = {}
     for key, (prompts, answers) in probes(requests).items():
         if not prompts:  # a task without rephrases has no GS
             metrics[key] = metrics[f"{key}_seq"] = float("nan")
             continue
         s = score(em, prompts, answers, batch_size)
         metrics[key], metrics[f"{key}_seq"] = s.mean()
+        hits[key] = s.acc
         if key == "ls":
             loc_pred = s.pred
-    return Evaluation(metrics, loc_pred)
+    return Evaluation(metrics, loc_pred, hits)
 
 
 def agreement(pre: Sequence[Tensor], post: Sequence[Tensor]) -> float:

@@ -24,9 +24,11 @@ import editors
 import tasks
 from bench.config import RunConfig, stable_hash
 from bench.download import DownloadError, full_data
+from bench.eval_extra import ExtraOptions, extra_metrics
 from bench.machine import cpu_env, cpu_model
 from bench.measure import measure, per_device_fields
 from bench.metrics import combine, evaluate
+from bench.samples import sample_lines, write_samples
 from bench.models import (
     DEVICE_MAP_STRATEGIES,
     DTYPES,
@@ -185,6 +187,7 @@ def resolve(cfg: RunConfig, cache_dir: str | Path | None = None, progress: Any =
         raise UserError(f"--edits {cfg.n_edits} is more than the {pool} evaluation requests of task "
                         f"'{cfg.task}'{' (--data ' + cfg.data + ')' if cfg.data else ''}; "
                         f"choose --edits {pool} or fewer, or a larger evaluation pool (--data FILE{more})")
+    n_batches = batch_count(cfg, pool)
     check_train_size(cfg, editor_cls, hparams, task)
     check_placement(cfg, task_cls)
     device = resolve_device(cfg.device)
@@ -206,9 +209,31 @@ def resolve(cfg: RunConfig, cache_dir: str | Path | None = None, progress: Any =
         config["dtype"] = cfg.dtype
     if cfg.device_map is not None:
         config["device_map"] = cfg.device_map
+    if n_batches != 1:  # like dtype: only when not the default, so one-batch rows keep their hashes
+        config["batches"] = n_batches
+    off = {k: False for k in ("generation", "cf_scores") if not getattr(cfg, k)}
+    if off:
+        config["eval"] = off
     config_hash, task_key = _content_hashes(config, model_is_folder=model_id is not None and Path(cfg.model).is_dir())
     notes = [n for n in [defaults_note(cfg.editor, cfg.model)] if n] + data_notes
     return Resolved(cfg, task, editor_cls, hparams, device, config, config_hash, task_key, notes)
+
+
+def batch_count(cfg: RunConfig, pool: int) -> int:
+    """The number of disjoint batches `--batches` asks for (`all`: every full batch of the pool); UserError if too many."""
+    b = cfg.batches
+    if isinstance(b, str):
+        if b.strip().lower() == "all":
+            return max(1, pool // cfg.n_edits)
+        if not b.strip().isdigit():
+            raise UserError(f"--batches takes a positive number or 'all', got '{b}'")
+        b = int(b)
+    if b < 1:
+        raise UserError(f"--batches takes a positive number or 'all', got {b}")
+    if b * cfg.n_edits > pool:
+        raise UserError(f"--batches {b} of --edits {cfg.n_edits} need {b * cfg.n_edits} evaluation requests, but task "
+                        f"'{cfg.task}' has {pool}; choose --batches {pool // cfg.n_edits} or fewer (or --batches all)")
+    return b
 
 
 def check_placement(cfg: RunConfig, task_cls: type[Task]) -> None:
@@ -506,7 +531,7 @@ def _execute_locked(cfg: RunConfig, res: Resolved, store: ResultStore, cache: Pa
     try:  # a load that fails (out of memory, unreadable weights) is a failed run too: stored, not a traceback
         em = models.get(res, cache, progress)
         require_kind(em, res.task, cfg.model, cfg.task)
-        row.update(_run_phases(res, em, cache, progress, log))
+        row.update(_run_phases(res, em, cache, progress, log, row["run_id"], store.dir))
         row["status"] = "ok"
     except editors.base.UnsupportedTask as e:
         raise UserError(str(e)) from None
@@ -523,7 +548,8 @@ def _execute_locked(cfg: RunConfig, res: Resolved, store: ResultStore, cache: Pa
     return row, False
 
 
-def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, log: Any) -> dict[str, Any]:
+def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, log: Any, run_id: str,
+                results_dir: Path) -> dict[str, Any]:
     cfg = res.cfg
     try:  # the model's context is known only now; beyond it the position embedding fails with an IndexError
         res.task.check_lengths(em.tokenizer, em.max_length, getattr(em.model.config, "max_position_embeddings", None))
@@ -553,26 +579,62 @@ def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, lo
     devices = em.devices  # where the weights are: a device map may spread them over several GPUs
     with measure(devices) as prep:
         editor.prepare(train)
-    requests = res.task.sample(cfg.n_edits, cfg.seed)
-    set_seed(cfg.seed)
-    with measure(devices, interval_s=0.002) as ed:
-        edit = editor.edit(requests)
-        edit.check_finite()
-    with measure(devices) as ev:
-        pre = evaluate(em, requests)
-        with edit.applied(em.model):
-            post = evaluate(em, requests)
-    return {
-        "metrics": combine(pre, post),
-        "times": {"prepare_s": prep.seconds, "edit_s": ed.seconds, "eval_s": ev.seconds},
+    batches = res.task.sample_batches(cfg.n_edits, res.config.get("batches", 1), cfg.seed)
+    opts = ExtraOptions(generation=cfg.generation, cf_scores=cfg.cf_scores)
+    done, samples = [], []
+    for b, requests in enumerate(batches):  # each batch is edited from the unedited model
+        set_seed(cfg.seed)
+        with measure(devices, interval_s=0.002) as ed:
+            edit = editor.edit(requests)
+            edit.check_finite()
+        with measure(devices) as ev:
+            pre, pre_x = evaluate(em, requests), extra_metrics(em, requests, opts)
+            with edit.applied(em.model):
+                post, post_x = evaluate(em, requests), extra_metrics(em, requests, opts)
+        metrics = combine(pre, post)
+        metrics.update(post_x.metrics)
+        metrics.update({f"pre_{k}": v for k, v in pre_x.metrics.items()})
+        done.append({"metrics": metrics, "edit_s": ed.seconds, "eval_s": ev.seconds,
+                     "peak_mem_edit_bytes": ed.peak_bytes, "mean_residual": edit.mean_residual,
+                     "edit_info": edit.info, "measure": ed})
+        if cfg.log_samples:
+            samples += sample_lines(b, requests, pre, post, pre_x, post_x)
+    out = _batch_summary(done)
+    out.update({
+        "times": {"prepare_s": prep.seconds, "edit_s": out.pop("edit_s"), "eval_s": out.pop("eval_s")},
         "peak_mem_prepare_bytes": prep.peak_bytes,
-        "peak_mem_edit_bytes": ed.peak_bytes,
-        "mem_kind": ed.mem_kind,
-        **per_device_fields(prep, ed),
-        "mean_residual": edit.mean_residual,
+        "mem_kind": done[0]["measure"].mem_kind,
+        **per_device_fields(prep, max(done, key=lambda d: d["peak_mem_edit_bytes"] or 0)["measure"]),
         "n_skipped_records": res.task.n_skipped,
-        "info": {"prepare": editor.prepare_info(), "edit": edit.info, "model": em.info,
+        "info": {"prepare": editor.prepare_info(), "edit": done[0]["edit_info"], "model": em.info,
                  "data": res.task.data_info},
+    })
+    if cfg.log_samples:
+        path = Path(results_dir) / "samples" / f"{run_id}.jsonl"
+        write_samples(path, samples)
+        out["samples_path"] = str(path)
+    return out
+
+
+def _batch_summary(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch: its numbers as before. Several: the mean over batches, their std and each batch's numbers."""
+    first = done[0]
+    if len(done) == 1:
+        return {"metrics": first["metrics"], "edit_s": first["edit_s"], "eval_s": first["eval_s"],
+                "peak_mem_edit_bytes": first["peak_mem_edit_bytes"], "mean_residual": first["mean_residual"]}
+    keys = list(first["metrics"])
+    cols = {k: torch.tensor([d["metrics"][k] for d in done], dtype=torch.float64) for k in keys}
+    peaks = [d["peak_mem_edit_bytes"] for d in done if d["peak_mem_edit_bytes"] is not None]
+    res = [d["mean_residual"] for d in done if d["mean_residual"] is not None]
+    return {
+        "metrics": {k: float(v.mean()) for k, v in cols.items()},
+        "metrics_std": {k: float(v.std(unbiased=True)) for k, v in cols.items()},
+        "batches": [{k: d[k] for k in ("metrics", "edit_s", "eval_s", "peak_mem_edit_bytes", "mean_residual")}
+                    for d in done],
+        "edit_s": sum(d["edit_s"] for d in done) / len(done),  # per batch
+        "eval_s": sum(d["eval_s"] for d in done) / len(done),
+        "peak_mem_edit_bytes": max(peaks) if peaks else None,
+        "mean_residual": sum(res) / len(res) if res else None,
     }
 
 

@@ -86,6 +86,16 @@ class Task(ABC):
         idx = random.Random(seed).sample(range(len(pool)), n)
         return [pool[i] for i in idx]
 
+    def sample_batches(self, n: int, k: int, seed: int) -> list[list[EditRequest]]:
+        """`k` disjoint batches of `n` evaluation requests, deterministically from `seed`; k = 1 is `sample`."""
+        if k == 1:
+            return [self.sample(n, seed)]
+        pool = self.eval_split()
+        if n * k > len(pool):
+            raise ValueError(f"task '{self.name}' has {len(pool)} evaluation requests; cannot draw {k} batches of {n}")
+        idx = random.Random(seed).sample(range(len(pool)), n * k)
+        return [[pool[i] for i in idx[j * n:(j + 1) * n]] for j in range(k)]
+
     def check_lengths(self, tokenizer: Any, max_length: int, positions: int | None = None) -> None:
         """Check that every probe of every request fits the model, before the run.
 

@@ -315,6 +315,7 @@ def test_ft_edits_tiny_t5(tiny_t5, tmp_path, results_cache):
                   cache_dir=results_cache)
     m = row["metrics"]
     assert m["pre_es"] <= 0.1 and m["es"] >= 0.9, m
+    assert m["pre_es_gen"] <= 0.1 and m["es_gen"] >= 0.9, m  # greedy decoding through the decoder, too
     assert set(row["config"]["hparams"]) >= {"lr", "epochs"}
 
 

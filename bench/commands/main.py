@@ -41,6 +41,16 @@ def summary_table(row: dict[str, Any], title: str) -> Table:
                      ("es_seq", "ES sequence-level"), ("gs_seq", "GS sequence-level"), ("ls_seq", "LS sequence-level")]:
         t.add_row(label, fmt(m.get(f"pre_{k}"), True), fmt(m.get(k), True))
     t.add_row("LS agreement with pre-edit", "", fmt(m.get("ls_agree"), True))
+    extra = [("es_gen", "ES generated (greedy)"), ("gs_gen", "GS generated (greedy)"), ("ls_gen", "LS generated (greedy)"),
+             ("cf_es", "CounterFact Efficacy Score"), ("cf_ps", "CounterFact Paraphrase Score"),
+             ("cf_ns", "CounterFact Neighborhood Score"), ("cf_score", "CounterFact Score (harmonic mean)")]
+    if any(k in m for k, _ in extra):
+        t.add_section()
+        for k, label in extra:
+            if k in m:
+                t.add_row(label, fmt(m.get(f"pre_{k}"), True), fmt(m.get(k), True))
+    if row.get("batches"):
+        t.add_row(f"(means over {len(row['batches'])} batches)", "", "")
     times = row.get("times", {})
     t.add_section()
     for k in ("prepare_s", "edit_s", "eval_s"):
@@ -71,6 +81,13 @@ def run(
     train_data: Annotated[Path | None, typer.Option(help="your own meta-training data file")] = None,
     skip_bad: Annotated[bool, typer.Option(help="skip malformed records (counted in the row)")] = False,
     dry_run: Annotated[bool, typer.Option(help="check the input and show what would run or be reused; load nothing")] = False,
+    batches: Annotated[str, typer.Option(help="disjoint batches of --edits, each edited from the unedited model; "
+                                               "'all': every full batch of the pool (the official MALMEN protocol)")] = "1",
+    generation: Annotated[bool, typer.Option("--generation/--no-generation",
+                                             help="es_gen/gs_gen/ls_gen: greedy decoding from the prompt")] = True,
+    cf_scores: Annotated[bool, typer.Option("--cf-scores/--no-cf-scores",
+                                            help="CounterFact's probability scores (records with target_true)")] = True,
+    log_samples: Annotated[bool, typer.Option(help="per-probe records in <results>/samples/<run_id>.jsonl")] = False,
 ) -> None:
     """Edit N facts with one editor and store ES/GS/LS, times, memory and residual."""
     import bench.run as R
@@ -82,7 +99,8 @@ def run(
         cfg = C.RunConfig(editor=editor, model=model, task=task, n_edits=edits, seed=seed, device=device,
                           dtype=dtype, device_map=device_map,
                           overrides=C.parse_sets(set_), data=str(data) if data else None,
-                          train_data=str(train_data) if train_data else None, skip_bad=skip_bad)
+                          train_data=str(train_data) if train_data else None, skip_bad=skip_bad,
+                          batches=batches, generation=generation, cf_scores=cf_scores, log_samples=log_samples)
         if dry_run:
             res = R.resolve(cfg, cache_dir if cache_dir is not None else results, progress_factory(err))
             for note in res.notes:

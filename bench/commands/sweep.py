@@ -307,6 +307,13 @@ def sweep(
     skip_bad: Annotated[bool, typer.Option(help="skip malformed records (counted in the row)")] = False,
     force: Annotated[bool, typer.Option(help="rerun cells already stored as ok")] = False,
     dry_run: Annotated[bool, typer.Option(help="check every cell and show what would run or be reused; load nothing")] = False,
+    batches: Annotated[str, typer.Option(help="disjoint batches of --edits, each edited from the unedited model; "
+                                               "'all': every full batch of the pool (the official MALMEN protocol)")] = "1",
+    generation: Annotated[bool, typer.Option("--generation/--no-generation",
+                                             help="es_gen/gs_gen/ls_gen: greedy decoding from the prompt")] = True,
+    cf_scores: Annotated[bool, typer.Option("--cf-scores/--no-cf-scores",
+                                            help="CounterFact's probability scores (records with target_true)")] = True,
+    log_samples: Annotated[bool, typer.Option(help="per-probe records in <results>/samples/<run_id>.jsonl")] = False,
     json_: Annotated[bool, typer.Option("--json", help="with --dry-run: print only the plans as JSON on stdout")] = False,
 ) -> None:
     """Run editors x seeds x edit counts; resumes from the store; exit 0 all ok, 1 a cell failed, 2 bad input."""
@@ -318,7 +325,8 @@ def sweep(
         cfgs = grid(parse_list(editors, "editors"), parse_list(edits, "edits", int), parse_list(seeds, "seeds", int),
                     model=model, task=task, device=device, overrides=C.parse_sets(set_),
                     data=str(data) if data else None, train_data=str(train_data) if train_data else None,
-                    skip_bad=skip_bad, dtype=dtype, device_map=device_map)
+                    skip_bad=skip_bad, dtype=dtype, device_map=device_map,
+                          batches=batches, generation=generation, cf_scores=cf_scores, log_samples=log_samples)
         if dry_run:
             resolved = [resolve(c) for c in cfgs]
             for note in dict.fromkeys(n for r in resolved for n in r.notes):

@@ -1,0 +1,96 @@
+"""The metrics beside teacher-forced accuracy: generation-based success and CounterFact's probability scores.
+
+`extra_metrics` scores one model state, as `bench.metrics.evaluate` does, and returns flat metric
+keys for the row plus the per-probe records that `--log-samples` writes:
+
+- `es_gen`, `gs_gen`, `ls_gen` (every LM task): greedy decoding from the prompt alone
+  (bench/generation.py), success when the continuation begins with the answer after normalisation.
+- `cf_es`, `cf_em`, `cf_ps`, `cf_pm`, `cf_ns`, `cf_nm`, `cf_score` (requests that carry `target_true`,
+  i.e. CounterFact): ROME's probability comparisons (bench/counterfact_scores.py), the official
+  per-token-mean probabilities.
+
+Both are batched: one padded forward (teacher-forced) or one `generate` call per batch of prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bench.counterfact_scores import PairScores, answer_logprobs, answer_prob, rome_scores
+from bench.generation import generation_success
+from bench.metrics import probes
+from bench.models import EditableModel
+from tasks.base import EditRequest
+
+GEN_KEYS = ("es_gen", "gs_gen", "ls_gen")
+CF_KEYS = ("cf_es", "cf_em", "cf_ps", "cf_pm", "cf_ns", "cf_nm", "cf_score")
+
+
+@dataclass(frozen=True)
+class ExtraOptions:
+    """Which extra metrics a run computes (both on by default; each can be switched off)."""
+
+    generation: bool = True
+    cf_scores: bool = True
+
+
+@dataclass
+class ExtraEval:
+    """Extra metrics of one model state and, per probe kind, the greedy continuations (for samples)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    continuations: dict[str, list[str]] = field(default_factory=dict)
+    gen_hits: dict[str, list[float]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def answer_probs(em: EditableModel, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    """P(answer | prompt) per prompt (mean token log-prob, as ROME's code), one padded forward per batch."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = em.encode(prompts[i : i + batch_size], answers[i : i + batch_size])
+        logits = em.logits(batch)
+        out.append(answer_prob(*answer_logprobs(logits, batch.labels.to(logits.device))).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def pair_scores(em: EditableModel, prompts: Sequence[str], new: Sequence[str], true: Sequence[str],
+                case: Sequence[int]) -> PairScores:
+    """P(target_new) and P(target_true) of every prompt; both answers of a prompt in one forward pass."""
+    n = len(prompts)
+    p = answer_probs(em, list(prompts) * 2, list(new) + list(true))
+    return PairScores(p[:n], p[n:], torch.tensor(list(case), dtype=torch.long))
+
+
+def counterfact_scores(em: EditableModel, requests: Sequence[EditRequest]) -> dict[str, float]:
+    """ROME's Efficacy / Paraphrase / Neighborhood Score and Magnitude and their harmonic mean."""
+    def kind(prompts_of: Any) -> PairScores:
+        rows = [(p, r.target, r.target_true, c) for c, r in enumerate(requests) for p in prompts_of(r)]
+        return pair_scores(em, [x[0] for x in rows], [x[1] for x in rows], [x[2] for x in rows], [x[3] for x in rows])
+
+    rewrite = kind(lambda r: (r.prompt,))
+    paraphrase = kind(lambda r: r.rephrases) if any(r.rephrases for r in requests) else None
+    neighborhood = kind(lambda r: r.neighborhood_prompts or (r.locality_prompt,))
+    return rome_scores(rewrite, paraphrase, neighborhood)
+
+
+def extra_metrics(em: EditableModel, requests: Sequence[EditRequest], opts: ExtraOptions) -> ExtraEval:
+    """The extra metrics `opts` asks for that apply to this model and these requests (none for classifiers)."""
+    out = ExtraEval()
+    if em.kind != "lm":
+        return out
+    if opts.generation:
+        for key, (prompts, answers) in probes(requests).items():
+            if not prompts:
+                out.metrics[f"{key}_gen"] = float("nan")
+                continue
+            hits, texts = generation_success(em, prompts, answers)
+            out.metrics[f"{key}_gen"] = sum(hits) / len(hits)
+            out.continuations[key], out.gen_hits[key] = texts, hits
+    if opts.cf_scores and requests and all(r.target_true for r in requests):
+        out.metrics.update(counterfact_scores(em, requests))
+    return out
