@@ -39,6 +39,14 @@ METRIC_DEFS = [
            "definition); classification: accuracy on unrelated claims. This is the LS in every figure and table."),
     ("LS agree", "fraction of unrelated answer tokens whose post-edit argmax equals the pre-edit argmax "
                  "(EasyEdit's definition); shown only where labelled 'LS agree'."),
+    ("pre ES, pre LS", "the same metrics of the unedited model on the same probes."),
+    ("ES/GS/LS gen", "generation-based success: greedy decoding from the prompt alone (no teacher forcing) for "
+                     "the answer's token count plus 3; success when the continuation begins with the answer as "
+                     "whole words after normalising case, whitespace and punctuation."),
+    ("CF ES/PS/NS, CF Score", "CounterFact only, ROME's definitions (official per-token-mean probabilities): "
+                              "fraction of rewrite / paraphrase prompts with P(new) > P(true), of neighbourhood "
+                              "prompts with P(true) > P(new), per case then averaged; CF Score is their "
+                              "harmonic mean."),
     ("mean residual", "per edited layer, mean over edit keys u_i of ||ΔW u_i − d_i|| / ||d_i|| for the value "
                       "shifts d_i the editor aimed for, averaged over layers (MALMEN paper, Fig. 8); "
                       "fine-tuning has none."),
@@ -59,8 +67,12 @@ ABLATIONS = {
     "layers=first_fc": "Edit first FC in FFN",
     "cache=all": "Cache all tokens",
 }
-PCT = {"metrics.es": "ES", "metrics.gs": "GS", "metrics.ls": "LS", "metrics.ls_agree": "LS agree",
-       "metrics.es_seq": "ES seq", "metrics.gs_seq": "GS seq"}
+PCT = {"metrics.pre_es": "pre ES", "metrics.es": "ES", "metrics.gs": "GS", "metrics.pre_ls": "pre LS",
+       "metrics.ls": "LS", "metrics.ls_agree": "LS agree", "metrics.es_seq": "ES seq", "metrics.gs_seq": "GS seq",
+       # the extended evaluation (bench/eval_extra.py); columns appear only where rows have them
+       "metrics.es_gen": "ES gen", "metrics.gs_gen": "GS gen", "metrics.ls_gen": "LS gen",
+       "metrics.pre_cf_score": "pre CF Score", "metrics.cf_es": "CF ES", "metrics.cf_ps": "CF PS",
+       "metrics.cf_ns": "CF NS", "metrics.cf_score": "CF Score"}
 COST = {"times.edit_s": "edit s", "times.prepare_s": "prepare s", "info.prepare.meta_train_s": "meta-train s",
         "peak_edit_mib": "peak edit MiB", "peak_prepare_mib": "peak prepare MiB", "mean_residual": "mean residual"}
 
@@ -274,6 +286,12 @@ def _panels(data: pd.DataFrame, specs: list[tuple[str, str, str]], title: str, f
         for v, dv in d.groupby("variant"):
             sns.lineplot(data=dv, x="n_edits", y=col, errorbar="sd", ax=ax, legend=False, color=style[v]["color"],
                          marker=style[v]["marker"], dashes=style[v]["dashes"], markersize=6, alpha=0.9)
+        pre_col = col.replace("metrics.", "metrics.pre_", 1) if col.startswith("metrics.") else None
+        if ykind == "pct" and pre_col in data:  # the unedited model on the same probes: a grey dashed baseline
+            pre = data[["n_edits", pre_col]].dropna().groupby("n_edits")[pre_col].mean()
+            if not pre.empty:
+                ax.plot(pre.index, pre.to_numpy(), color="0.45", linestyle="--", linewidth=1.2, marker="_",
+                        markersize=16, zorder=1)
         _log2_x(ax, ms)
         if ykind == "log" and not d.empty:
             _log_y(ax)
@@ -286,6 +304,8 @@ def _panels(data: pd.DataFrame, specs: list[tuple[str, str, str]], title: str, f
     handles = [plt.Line2D([], [], color=style[v]["color"], marker=style[v]["marker"],
                           linestyle=(0, style[v]["dashes"]) if style[v]["dashes"] else "-",
                           label=textwrap.fill(v, 48, subsequent_indent="  ")) for v in variants]
+    if any(ykind == "pct" for _, _, ykind in specs):
+        handles.append(plt.Line2D([], [], color="0.45", linestyle="--", marker="_", label="pre-edit (unedited model)"))
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.93), frameon=False, fontsize=8.5,
                title="editor (variant = settings\nthat differ from its defaults)", title_fontsize=9)
     fig.suptitle(title, fontsize=11)
@@ -307,7 +327,7 @@ def figures(ok: pd.DataFrame, out: Path) -> dict[tuple[str, str], list[tuple[Pat
     sns.set_theme(style="whitegrid", context="notebook", font_scale=0.85)
     for (model, task), g in ok.groupby(["model", "task"]):
         g = g.copy()
-        for c in PCT:
+        for c in dict.fromkeys([*PCT, *(k.replace("metrics.", "metrics.pre_", 1) for k in PCT if "pre_" not in k)]):
             if c in g:
                 g[c] = 100 * pd.to_numeric(g[c], errors="coerce")
         files: list[tuple[Path, str]] = []
@@ -318,8 +338,22 @@ def figures(ok: pd.DataFrame, out: Path) -> dict[tuple[str, str], list[tuple[Pat
                     ("metrics.ls_agree", "LS agree: unchanged by the edit (%)", "pct")],
                 f"{model} / {task}: editing success vs number of edits\n({band}; {_context(g)})",
                 "ES/GS/LS: token accuracy of the answer on edit / rephrased / unrelated prompts after the edit "
-                "(LS against gold answers). LS agree: unrelated tokens whose argmax is unchanged by the edit.", p)
-        files.append((p, f"Scaling: ES, GS, LS (gold) and LS agree against m on {model} / {task} ({_context(g)})."))
+                "(LS against gold answers). LS agree: unrelated tokens whose argmax is unchanged by the edit. "
+                "Grey dashed: the unedited model on the same probes.", p)
+        files.append((p, f"Scaling: ES, GS, LS (gold) and LS agree against m on {model} / {task} ({_context(g)}); "
+                         "grey dashed: pre-edit."))
+        ext = [(c, lab, "pct") for c, lab in (("metrics.es_gen", "ES gen: greedy decoding (%)"),
+                                              ("metrics.gs_gen", "GS gen: greedy decoding (%)"),
+                                              ("metrics.ls_gen", "LS gen: greedy decoding (%)"),
+                                              ("metrics.cf_score", "CounterFact Score (%)"))
+               if c in g and g[c].notna().any()]
+        if ext:
+            p = out / "figures" / f"generation_{_slug(model, task)}.png"
+            _panels(g, ext, f"{model} / {task}: generation-based success vs number of edits\n({band}; {_context(g)})",
+                    "gen: greedy continuation of the prompt alone begins with the answer (normalised), no teacher "
+                    "forcing. CounterFact Score: harmonic mean of ROME's Efficacy, Paraphrase and Neighborhood "
+                    "Scores. Grey dashed: the unedited model.", p)
+            files.append((p, f"Generation-based success (and CounterFact Score) against m on {model} / {task}."))
         kinds = ",".join(sorted(str(k) for k in g["mem_kind"].dropna().unique())) or "?"
         p = out / "figures" / f"cost_{_slug(model, task)}.png"
         _panels(g, [("times.edit_s", "edit time (s, log scale)", "log"),
