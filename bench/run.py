@@ -28,7 +28,6 @@ from bench.eval_extra import ExtraOptions, extra_metrics
 from bench.machine import cpu_env, cpu_model
 from bench.measure import measure, per_device_fields
 from bench.metrics import combine, evaluate
-from bench.samples import sample_lines, write_samples
 from bench.models import (
     DEVICE_MAP_STRATEGIES,
     DTYPES,
@@ -41,6 +40,7 @@ from bench.models import (
     load_model,
     model_identity,
 )
+from bench.samples import sample_lines, write_samples
 from bench.store import ResultStore, ensure_dir
 from editors.base import (
     HPARAMS_DIR,
