@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,21 +216,28 @@ def _train(spec: TinySpec, progress: Any, log: Any) -> tuple[EditableModel, dict
                 break
     model.eval()
     train_s = time.perf_counter() - t0
-    import tokenizers
-    import transformers
-
     record: dict[str, Any] = {
         "key": spec.key(), "world": spec.world.world_key(), "model": asdict(spec.model), "train": asdict(tc),
         "epochs": epochs, "steps": epochs * steps_per_epoch, "final_epoch_answer_acc": epoch_acc,
         "train_s": round(train_s, 2), "train_cpu_s": round(time.process_time() - c0, 2),
+        **provenance(model, tok),
+    }
+    record.update(fact_accuracy(em, world))
+    return em, record
+
+
+def provenance(model: nn.Module, tok: Any) -> dict[str, Any]:
+    """What a trained tiny model's record says about its size and the machine and versions that trained it."""
+    import tokenizers
+    import transformers
+
+    return {
         "n_params": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tok), "torch_threads": torch.get_num_threads(),
         "machine": cpu_env(),  # the kernels that produced these weights (bench/machine.py)
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__},
     }
-    record.update(fact_accuracy(em, world))
-    return em, record
 
 
 def model_dir(results_dir: Path, spec: TinySpec) -> Path:
@@ -239,25 +247,34 @@ def model_dir(results_dir: Path, spec: TinySpec) -> Path:
 
 def load_tiny(results_dir: Path, spec: TinySpec | None = None, progress: Any = None) -> EditableModel:
     """Load the tiny GPT-2 of `spec` from the cache, training and saving it first if missing or broken."""
-    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2LMHeadModel
 
     spec = spec or TinySpec()
-    out = model_dir(results_dir, spec)
+    model, tok, info = load_or_train(model_dir(results_dir, spec), f"tiny-gpt2 ({spec.key()})",
+                                     lambda: train_tiny(spec, progress), GPT2LMHeadModel)
+    return _wrap(model, tok, spec.key(), info)
+
+
+INFO_KEYS = ("acc_template0", "acc_rephrase", "acc_counterfactual", "train_s", "train_cpu_s", "epochs", "n_params")
+
+
+def load_or_train(out: Path, label: str, train: Callable[[], tuple[EditableModel, dict[str, Any]]],
+                  model_cls: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Model, tokenizer and info of the cache entry `out`, training (`train`) and saving it first if missing or broken."""
+    from transformers import PreTrainedTokenizerFast
 
     def fill(tmp: Path) -> None:
-        print(f"Training tiny-gpt2 ({spec.key()}) on the synthetic world; cached in {out}")
-        em, record = train_tiny(spec, progress)
+        print(f"Training {label} on the synthetic world; cached in {out}")
+        em, record = train()
         em.model.save_pretrained(tmp, safe_serialization=True)
         em.tokenizer.save_pretrained(tmp)
         (tmp / META).write_text(json.dumps(record, indent=1, sort_keys=True))
 
     ensure_entry(out, fill, required=(META, "model.safetensors"))  # locked: parallel processes train once
     record = json.loads((out / META).read_text())
-    model = GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32)
+    model = model_cls.from_pretrained(out, dtype=torch.float32)
     tok = PreTrainedTokenizerFast.from_pretrained(out)
-    info = {k: record[k] for k in ("acc_template0", "acc_rephrase", "acc_counterfactual", "train_s", "train_cpu_s",
-                                   "epochs", "n_params")}
-    return _wrap(model, tok, spec.key(), info)
+    return model, tok, {k: record[k] for k in INFO_KEYS}
 
 
 def tiny_gpt2_folder(results_dir: Path) -> Path:

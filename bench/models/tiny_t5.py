@@ -24,10 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.cachefs import ensure_entry
-from bench.machine import cpu_env
 from bench.models import EditableModel, LoadContext
-from bench.models.tiny import _length_batches, _one_thread, build_tokenizer, fact_accuracy
+from bench.models.tiny import (
+    _length_batches,
+    _one_thread,
+    build_tokenizer,
+    fact_accuracy,
+    load_or_train,
+    provenance,
+)
 from bench.progress import open_progress
 from tasks.synthetic import SyntheticConfig, build_world
 
@@ -172,18 +177,11 @@ def _train(spec: TinyT5Spec, progress: Any, log: Any) -> tuple[EditableModel, di
                 log(f"epoch {epoch + 1} loss {loss.item():.3f} answer acc {epoch_acc:.4f} "
                     f"{time.perf_counter() - t0:.1f}s wall {time.process_time() - c0:.1f}s cpu")
     model.eval()
-    import tokenizers
-    import transformers
-
     record: dict[str, Any] = {
         "key": spec.key(), "world": spec.world.world_key(), "model": asdict(spec.model), "train": asdict(tc),
         "epochs": tc.max_epochs, "steps": total, "final_epoch_answer_acc": epoch_acc,
         "train_s": round(time.perf_counter() - t0, 2), "train_cpu_s": round(time.process_time() - c0, 2),
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "vocab_size": len(tok), "torch_threads": torch.get_num_threads(),
-        "machine": cpu_env(),  # the kernels that produced these weights (bench/machine.py)
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "tokenizers": tokenizers.__version__},
+        **provenance(model, tok),
     }
     record.update(fact_accuracy(em, world))
     return em, record
@@ -196,24 +194,11 @@ def model_dir(results_dir: Path, spec: TinyT5Spec) -> Path:
 
 def load_tiny_t5_spec(results_dir: Path, spec: TinyT5Spec | None = None, progress: Any = None) -> EditableModel:
     """Load the tiny T5 of `spec` from the cache, training and saving it first if missing or broken."""
-    from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration
+    from transformers import T5ForConditionalGeneration
 
     spec = spec or TinyT5Spec()
-    out = model_dir(results_dir, spec)
-
-    def fill(tmp: Path) -> None:
-        print(f"Training {NAME} ({spec.key()}) on the synthetic world; cached in {out}")
-        em, record = train_tiny_t5(spec, progress)
-        em.model.save_pretrained(tmp, safe_serialization=True)
-        em.tokenizer.save_pretrained(tmp)
-        (tmp / META).write_text(json.dumps(record, indent=1, sort_keys=True))
-
-    ensure_entry(out, fill, required=(META, "model.safetensors"))  # locked: parallel processes train once
-    record = json.loads((out / META).read_text())
-    model = T5ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
-    tok = PreTrainedTokenizerFast.from_pretrained(out)
-    info = {k: record[k] for k in ("acc_template0", "acc_rephrase", "acc_counterfactual", "train_s", "train_cpu_s",
-                                   "epochs", "n_params")}
+    model, tok, info = load_or_train(model_dir(results_dir, spec), f"{NAME} ({spec.key()})",
+                                     lambda: train_tiny_t5(spec, progress), T5ForConditionalGeneration)
     return _wrap(model, tok, spec.key(), info)
 
 
