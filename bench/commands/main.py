@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench import config as C
+from bench.commands.options import BatchesOpt, CfScoresOpt, GenerationOpt, LogSamplesOpt
 from bench.console import console_log, err, fail, out, show_plans, stdout_to_stderr
 
 DEVICE_MAP_HELP = ("auto: accelerate spreads the model over the visible GPUs (balanced, sequential: its other "
@@ -81,13 +82,10 @@ def run(
     train_data: Annotated[Path | None, typer.Option(help="your own meta-training data file")] = None,
     skip_bad: Annotated[bool, typer.Option(help="skip malformed records (counted in the row)")] = False,
     dry_run: Annotated[bool, typer.Option(help="check the input and show what would run or be reused; load nothing")] = False,
-    batches: Annotated[str, typer.Option(help="disjoint batches of --edits, each edited from the unedited model; "
-                                               "'all': every full batch of the pool (the official MALMEN protocol)")] = "1",
-    generation: Annotated[bool, typer.Option("--generation/--no-generation",
-                                             help="es_gen/gs_gen/ls_gen: greedy decoding from the prompt")] = True,
-    cf_scores: Annotated[bool, typer.Option("--cf-scores/--no-cf-scores",
-                                            help="CounterFact's probability scores (records with target_true)")] = True,
-    log_samples: Annotated[bool, typer.Option(help="per-probe records in <results>/samples/<run_id>.jsonl")] = False,
+    batches: BatchesOpt = "1",
+    generation: GenerationOpt = True,
+    cf_scores: CfScoresOpt = True,
+    log_samples: LogSamplesOpt = False,
 ) -> None:
     """Edit N facts with one editor and store ES/GS/LS, times, memory and residual."""
     import bench.run as R

@@ -28,6 +28,7 @@ from rich.progress import (
 from rich.table import Table
 
 from bench import config as C
+from bench.commands.options import BatchesOpt, CfScoresOpt, GenerationOpt, LogSamplesOpt
 from bench.progress import progress_factory
 from bench.store import ResultStore, StoreError, StoreWriteError, ensure_dir
 
@@ -307,13 +308,10 @@ def sweep(
     skip_bad: Annotated[bool, typer.Option(help="skip malformed records (counted in the row)")] = False,
     force: Annotated[bool, typer.Option(help="rerun cells already stored as ok")] = False,
     dry_run: Annotated[bool, typer.Option(help="check every cell and show what would run or be reused; load nothing")] = False,
-    batches: Annotated[str, typer.Option(help="disjoint batches of --edits, each edited from the unedited model; "
-                                               "'all': every full batch of the pool (the official MALMEN protocol)")] = "1",
-    generation: Annotated[bool, typer.Option("--generation/--no-generation",
-                                             help="es_gen/gs_gen/ls_gen: greedy decoding from the prompt")] = True,
-    cf_scores: Annotated[bool, typer.Option("--cf-scores/--no-cf-scores",
-                                            help="CounterFact's probability scores (records with target_true)")] = True,
-    log_samples: Annotated[bool, typer.Option(help="per-probe records in <results>/samples/<run_id>.jsonl")] = False,
+    batches: BatchesOpt = "1",
+    generation: GenerationOpt = True,
+    cf_scores: CfScoresOpt = True,
+    log_samples: LogSamplesOpt = False,
     json_: Annotated[bool, typer.Option("--json", help="with --dry-run: print only the plans as JSON on stdout")] = False,
 ) -> None:
     """Run editors x seeds x edit counts; resumes from the store; exit 0 all ok, 1 a cell failed, 2 bad input."""

@@ -1,0 +1,15 @@
+"""Command-line options that `bench run` and `bench sweep` share, declared once."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+BatchesOpt = Annotated[str, typer.Option(help="disjoint batches of --edits, each edited from the unedited model; "
+                                              "'all': every full batch of the pool (the official MALMEN protocol)")]
+GenerationOpt = Annotated[bool, typer.Option("--generation/--no-generation",
+                                             help="es_gen/gs_gen/ls_gen: greedy decoding from the prompt")]
+CfScoresOpt = Annotated[bool, typer.Option("--cf-scores/--no-cf-scores",
+                                           help="CounterFact's probability scores (records with target_true)")]
+LogSamplesOpt = Annotated[bool, typer.Option(help="per-probe records in <results>/samples/<run_id>.jsonl")]
