@@ -531,7 +531,13 @@ def _execute_locked(cfg: RunConfig, res: Resolved, store: ResultStore, cache: Pa
     try:  # a load that fails (out of memory, unreadable weights) is a failed run too: stored, not a traceback
         em = models.get(res, cache, progress)
         require_kind(em, res.task, cfg.model, cfg.task)
-        row.update(_run_phases(res, em, cache, progress, log, row["run_id"], store.dir))
+        phases = _run_phases(res, em, cache, progress, log)
+        samples = phases.pop("samples", None)
+        if samples is not None:  # --log-samples: beside the store, named by the run
+            path = store.dir / "samples" / f"{row['run_id']}.jsonl"
+            write_samples(path, samples)
+            phases["samples_path"] = str(path)
+        row.update(phases)
         row["status"] = "ok"
     except editors.base.UnsupportedTask as e:
         raise UserError(str(e)) from None
@@ -548,8 +554,7 @@ def _execute_locked(cfg: RunConfig, res: Resolved, store: ResultStore, cache: Pa
     return row, False
 
 
-def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, log: Any, run_id: str,
-                results_dir: Path) -> dict[str, Any]:
+def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, log: Any) -> dict[str, Any]:
     cfg = res.cfg
     try:  # the model's context is known only now; beyond it the position embedding fails with an IndexError
         res.task.check_lengths(em.tokenizer, em.max_length, getattr(em.model.config, "max_position_embeddings", None))
@@ -610,9 +615,7 @@ def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, lo
                  "data": res.task.data_info},
     })
     if cfg.log_samples:
-        path = Path(results_dir) / "samples" / f"{run_id}.jsonl"
-        write_samples(path, samples)
-        out["samples_path"] = str(path)
+        out["samples"] = samples  # written by the caller, which knows the run id
     return out
 
 

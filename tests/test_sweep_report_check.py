@@ -210,9 +210,11 @@ def test_report_outputs_are_complete_and_self_contained(built, report):
     import pandas as pd
 
     figs = sorted(p.name for p in (report / "figures").glob("*.png"))
-    assert figs == ["cost_tiny-gpt2_synthetic.png", "scaling_tiny-gpt2_synthetic.png"]  # ft has no residual
+    # ft has no residual; the LM rows carry generation-based success, hence its figure
+    assert figs == ["cost_tiny-gpt2_synthetic.png", "generation_tiny-gpt2_synthetic.png",
+                    "scaling_tiny-gpt2_synthetic.png"]
     html = (report / "index.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and "src='figures/" not in html
+    assert html.count("data:image/png;base64,") == 3 and "src='figures/" not in html
     md = (report / "index.md").read_text()
     for text in ("LS | locality success, gold", "LS agree", "seeds 0,1", "tiny-gpt2 / synthetic, m = 4",
                  "## Failed runs", "cannot sample 5"):
