@@ -33,6 +33,7 @@ class RunConfig:
     generation: bool = True  # es_gen / gs_gen / ls_gen: greedy decoding from the prompt (bench/eval_extra.py)
     cf_scores: bool = True  # CounterFact's probability scores where requests carry target_true
     log_samples: bool = False  # per-probe records in <results>/samples/<run_id>.jsonl
+    sequential: int = 0  # T >= 1: T batches of n_edits applied one after another without restoring (bench/sequential.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -41,6 +41,7 @@ from bench.models import (
     model_identity,
 )
 from bench.samples import sample_lines, write_samples
+from bench.sequential import edit_in_sequence
 from bench.store import ResultStore, ensure_dir
 from editors.base import (
     HPARAMS_DIR,
@@ -188,6 +189,7 @@ def resolve(cfg: RunConfig, cache_dir: str | Path | None = None, progress: Any =
                         f"'{cfg.task}'{' (--data ' + cfg.data + ')' if cfg.data else ''}; "
                         f"choose --edits {pool} or fewer, or a larger evaluation pool (--data FILE{more})")
     n_batches = batch_count(cfg, pool)
+    check_sequential(cfg, n_batches, pool)
     check_train_size(cfg, editor_cls, hparams, task)
     check_placement(cfg, task_cls)
     device = resolve_device(cfg.device)
@@ -211,6 +213,8 @@ def resolve(cfg: RunConfig, cache_dir: str | Path | None = None, progress: Any =
         config["device_map"] = cfg.device_map
     if n_batches != 1:  # like dtype: only when not the default, so one-batch rows keep their hashes
         config["batches"] = n_batches
+    if cfg.sequential:  # likewise: rows without --sequential keep their hashes
+        config["sequential"] = cfg.sequential
     off = {k: False for k in ("generation", "cf_scores") if not getattr(cfg, k)}
     if off:
         config["eval"] = off
@@ -234,6 +238,19 @@ def batch_count(cfg: RunConfig, pool: int) -> int:
         raise UserError(f"--batches {b} of --edits {cfg.n_edits} need {b * cfg.n_edits} evaluation requests, but task "
                         f"'{cfg.task}' has {pool}; choose --batches {pool // cfg.n_edits} or fewer (or --batches all)")
     return b
+
+
+def check_sequential(cfg: RunConfig, n_batches: int, pool: int) -> None:
+    """UserError for a --sequential T the pool cannot fill, or one combined with --batches."""
+    t = cfg.sequential
+    if t < 0:
+        raise UserError(f"--sequential takes the number of successive batches (0: off), got {t}")
+    if t and n_batches != 1:
+        raise UserError("--sequential and --batches do not combine: --batches edits each batch from the unedited "
+                        "model, --sequential keeps every batch's edit; choose one")
+    if t * cfg.n_edits > pool:
+        raise UserError(f"--sequential {t} of --edits {cfg.n_edits} needs {t * cfg.n_edits} evaluation requests, but "
+                        f"task '{cfg.task}' has {pool}; choose --sequential {pool // cfg.n_edits} or fewer")
 
 
 def check_placement(cfg: RunConfig, task_cls: type[Task]) -> None:
@@ -584,8 +601,26 @@ def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, lo
     devices = em.devices  # where the weights are: a device map may spread them over several GPUs
     with measure(devices) as prep:
         editor.prepare(train)
-    batches = res.task.sample_batches(cfg.n_edits, res.config.get("batches", 1), cfg.seed)
     opts = ExtraOptions(generation=cfg.generation, cf_scores=cfg.cf_scores)
+    if cfg.sequential:
+        seq = edit_in_sequence(editor, em, res.task.sample_batches(cfg.n_edits, cfg.sequential, cfg.seed), opts,
+                               devices, lambda: set_seed(cfg.seed), cfg.log_samples)
+        out = dict(seq.summary)
+        out.update({
+            "times": {"prepare_s": prep.seconds, "edit_s": out.pop("edit_s"), "eval_s": out.pop("eval_s"),
+                      "pre_eval_s": out.pop("pre_eval_s")},
+            "sequence": seq.steps,
+            "peak_mem_prepare_bytes": prep.peak_bytes,
+            "mem_kind": seq.peak_measure.mem_kind,
+            **per_device_fields(prep, seq.peak_measure),
+            "n_skipped_records": res.task.n_skipped,
+            "info": {"prepare": editor.prepare_info(), "edit": seq.first_info, "model": em.info,
+                     "data": res.task.data_info},
+        })
+        if cfg.log_samples:
+            out["samples"] = seq.samples
+        return out
+    batches = res.task.sample_batches(cfg.n_edits, res.config.get("batches", 1), cfg.seed)
     done, samples = [], []
     for b, requests in enumerate(batches):  # each batch is edited from the unedited model
         set_seed(cfg.seed)

@@ -10,6 +10,7 @@ _MODULES = [
     "editors.memit",
     "editors.malmen",
     "editors.mend",
+    "editors.alphaedit",
 ]
 for _m in _MODULES:
     importlib.import_module(_m)

@@ -117,6 +117,14 @@ class Editor(ABC):
         """Facts about `prepare` for the result row (e.g. whether a cache was reused)."""
         return {}
 
+    def remember(self, requests: Sequence[EditRequest]) -> None:  # noqa: B027 - optional hook
+        """Sequential editing: the model now keeps this batch's edit; an editor with memory of past batches updates it.
+
+        Called by the run loop after the edit of `requests` was added to the weights for good (the
+        next batch is computed on that model). A no-op by default: MALMEN, MEND, MEMIT and fine-tuning
+        compute each batch from the model as it is; AlphaEdit accumulates the batch's keys.
+        """
+
 
 EDITORS: dict[str, type[Editor]] = {}
 

@@ -13,3 +13,5 @@ GenerationOpt = Annotated[bool, typer.Option("--generation/--no-generation",
 CfScoresOpt = Annotated[bool, typer.Option("--cf-scores/--no-cf-scores",
                                            help="CounterFact's probability scores (records with target_true)")]
 LogSamplesOpt = Annotated[bool, typer.Option(help="per-probe records in <results>/samples/<run_id>.jsonl")]
+SequentialOpt = Annotated[int, typer.Option(help="lifelong editing: T batches of --edits applied one after another "
+                                                 "without restoring; the row stores ES/GS/LS after each (0: off)")]

@@ -7,6 +7,9 @@ values z are optimised once; every w of the grid then only re-solves the layer u
 costs one z optimisation per z setting. One JSON line per (z setting, w): ES, GS, ls_agree, LS and
 the mean residual on those requests. This is how `editors/hparams/memit/smollm2-135m.json` was chosen;
 its `_why` cites the lines (results/published/tuning/memit-smollm2-zsre-train32.jsonl).
+
+`--editor alphaedit` keeps the model file's z settings and grids the null-space threshold
+(`--threshold`) and λ (`--l2`) instead: z is optimised once, every pair only re-projects and re-solves.
 """
 
 from __future__ import annotations
@@ -53,12 +56,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=32, help="training requests edited in one batch")
     ap.add_argument("--w", default="15000,4800,1406.25,500,150", help="comma-separated mom2_update_weight grid")
     ap.add_argument("--results", type=Path, default=Path("results"), help="model and statistics cache folder")
+    ap.add_argument("--editor", default="memit", choices=["memit", "alphaedit"])
+    ap.add_argument("--threshold", default="2e-2,1e-1,5e-1", help="alphaedit: nullspace_threshold grid")
+    ap.add_argument("--l2", default="10,1,0.1", help="alphaedit: L2 grid")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     task = tasks.TASKS[a.task](tasks.TASKS[a.task].config_cls())
     requests = random.Random(0).sample(task.train_split(), a.n)
     em = load_model(LoadContext(a.model, a.results, "cpu", task.kind, 0, None))
     pre = evaluate(em, requests)
+    if a.editor == "alphaedit":
+        _grid_alphaedit(a, em, requests, pre)
+        return
     cls = editors.EDITORS["memit"]
     for zname, zset in Z_SETTINGS.items():
         hp = hparams_from(cls.hparams_cls, zset, model_defaults("memit", a.model))
@@ -78,6 +87,34 @@ def main(argv: list[str] | None = None) -> None:
                               **{k: round(m[k], 4) for k in ("es", "gs", "ls_agree", "ls", "pre_ls", "pre_es")},
                               "residual": round(edit.mean_residual, 4),
                               "v_loss_mean": round(edit.info.get("v_loss_mean", float("nan")), 4),
+                              "s_since_z_start": round(time.perf_counter() - t0, 1)}), flush=True)
+
+
+def _grid_alphaedit(a: argparse.Namespace, em: Any, requests: list[Any], pre: Any) -> None:
+    """One JSON line per (nullspace_threshold, L2) on the model file's z settings."""
+    from editors.alphaedit import null_space_projector
+
+    cls = editors.EDITORS["alphaedit"]
+    hp = hparams_from(cls.hparams_cls, {}, model_defaults("alphaedit", a.model))
+    ctx = EditorContext(results_dir=a.results, seed=0, task_name=a.task, task_key=a.task, model_key=em.key,
+                        n_edits=a.n, progress=None, log=lambda s: None)
+    ed = cls(em, hp, ctx)
+    ed.prepare([])
+    _memo_targets(ed)
+    t0 = time.perf_counter()
+    for thr in (float(x) for x in a.threshold.split(",")):
+        ed._proj = {n: null_space_projector(s.mom2, thr) for n, s in ed._stats.items()}
+        dims = [round(float(p.trace())) for p in ed._proj.values()]
+        for lam in (float(x) for x in a.l2.split(",")):
+            ed.hparams = dataclasses.replace(ed.hparams, nullspace_threshold=thr, L2=lam)
+            edit = ed.edit(requests)
+            with edit.applied(em.model):
+                post = evaluate(em, requests)
+            m = combine(pre, post)
+            print(json.dumps({"editor": "alphaedit", "task": a.task, "n": a.n, "threshold": thr, "L2": lam,
+                              "null_dims": dims,
+                              **{k: round(m[k], 4) for k in ("es", "gs", "ls_agree", "ls", "pre_ls", "pre_es")},
+                              "residual": round(edit.mean_residual, 4),
                               "s_since_z_start": round(time.perf_counter() - t0, 1)}), flush=True)
 
 
