@@ -77,7 +77,7 @@ from editors.base import (
 from editors.caching import full_precision
 from editors.solvers import SolveStats, require_finite, solve_spd
 from editors.stats import LayerStats, corpus_for, layer_second_moments
-from editors.zcache import PrefixCache
+from editors.zcache import PrefixCache, upper_blocks
 from tasks.base import EditRequest
 
 
@@ -403,7 +403,15 @@ class MEMIT(Editor):
             # δ-independent prefix of every row, both once per chunk.
             with torch.no_grad():  # h0 in float32: z = h0 + δ is a float32 target whatever the LM's dtype
                 state["h0"] = full_precision(self._capture(rows, [], [last_block])["out:" + last_block][:n_rw:n_ctx]).to(dev)
-                prefix = PrefixCache(base, b.input_ids, b.attention_mask, pos)
+                # and, where the blocks are one ModuleList, the last edited block's output over each suffix:
+                # a step then runs only the blocks after it
+                prefix = PrefixCache(base, b.input_ids, b.attention_mask, pos,
+                                     upper=upper_blocks(base, em.module(last_block)))
+
+        def inject(h: Tensor, rows_now: Tensor, offset: int) -> Tensor:
+            """δ added to the cached output of the last edited block (rows `rows_now`, first position `offset`)."""
+            at = (torch.arange(rows_now.numel(), device=h.device), (pos[rows_now] - offset).to(h.device))
+            return h.index_put(at, delta[row_owner[rows_now]].to(device=h.device, dtype=h.dtype), accumulate=True)
 
         def add_delta(_mod: torch.nn.Module, _args: Any, out: Any) -> Any:
             h = _first_output(out)
@@ -435,7 +443,7 @@ class MEMIT(Editor):
                 if prefix is None:
                     hid = base(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
                 else:  # only live requests' rows, only the positions δ reaches
-                    hid = prefix.run((~done)[row_owner], d)
+                    hid = prefix.run((~done)[row_owner], d, inject)
                 hid = hid.to(dev)  # a device map leaves the last block's output on the last GPU
                 # Logits only where needed: answer positions of rewriting rows, subject token of KL rows.
                 logp = torch.log_softmax(head(hid[tok_r, tok_t]).float(), -1)

@@ -319,17 +319,32 @@ def test_prefix_cached_z_equals_the_full_forward_z_early_stops_included(rand_gpt
         em = _rand_llama(world)
     reqs = [world.request(i, world.locality_idx[0]) for i in world.eval_idx[:12]]
 
+    from editors.zcache import upper_blocks
+
+    first_block = em.module(block_name(em, "transformer.h.0.mlp.c_proj" if arch == "gpt2" else "model.layers.0.mlp.down_proj"))
+    calls = []
+
     def run(z_cache: str, stop: float):
         hp = MEMITHparams(layers=[0, 1], v_num_grad_steps=8, v_lr=0.05, v_loss_stop=stop, z_cache=z_cache,
                           v_weight_decay=0.0, context_starts=["The", "Where"], context_len=4)
         ed = MEMIT(em, hp, EditorContext(seed=0))
         ed._contexts = ed.sample_contexts()
-        return ed._optimise_chunk(reqs, block_name(em, ed.layer_names()[-1]))
+        last = block_name(em, ed.layer_names()[-1])
+        assert upper_blocks(em.model.base_model, em.module(last)) is not None
+        calls.clear()
+        hook = first_block.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+        try:
+            return ed._optimise_chunk(reqs, last)
+        finally:
+            hook.remove()
 
     _, _, final = run("none", 0.0)
     stop = float(final.median())  # about half the requests stop before the last step
     z0, steps0, loss0 = run("none", stop)
+    assert any(calls)  # the full path runs block 0 in every (grad-enabled) step
     z1, steps1, loss1 = run("prefix", stop)
+    # block 0 (below the insertion block) runs only to build the cache (no grad), never in a step
+    assert calls and not any(calls), calls
     assert 0 < int((steps0 < 8).sum()) < len(reqs), steps0  # early stops happened
     assert torch.equal(steps0, steps1)
     assert float((z1 - z0).norm() / z0.norm()) <= 1e-5

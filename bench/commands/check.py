@@ -12,6 +12,8 @@ Schema (TOML, values of es/gs/ls are fractions in [0, 1] as stored; times in sec
     set = { shift = "sum" }          # optional: the variant (`--set` values that differ from the
                                      # defaults); omitted = the default variant exactly
     seed = 0                         # optional: otherwise the newest row of any seed
+    sequential = 10                  # optional: rows of `--sequential 10` (their final state); omitted =
+                                     # one-batch rows only (a lifelong row never stands in for them)
     min = { es = 0.9, gs = 0.8, ls = 0.5 }
     max = { edit_s = 60.0 }          # optional
 
@@ -54,8 +56,9 @@ METRICS = ("es", "gs", "ls", "ls_agree", "es_seq", "gs_seq", "ls_seq",
 TIMES = ("prepare_s", "edit_s", "eval_s")
 TOP_LEVEL = ("peak_mem_prepare_bytes", "peak_mem_edit_bytes", "mean_residual")
 QUANTITIES = METRICS + TIMES + TOP_LEVEL
-SELECTOR_KEYS = frozenset({"task", "model", "editor", "edits", "set", "seed"})
-RATIO_KEYS = frozenset({"task", "model", "edits", "seed", "quantity", "numerator", "denominator", "min", "max"})
+SELECTOR_KEYS = frozenset({"task", "model", "editor", "edits", "set", "seed", "sequential"})
+RATIO_KEYS = frozenset({"task", "model", "edits", "seed", "sequential", "quantity", "numerator", "denominator",
+                        "min", "max"})
 
 
 class ThresholdError(ValueError):
@@ -72,16 +75,19 @@ class Selector:
     n_edits: int
     set: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
+    sequential: int = 0  # 0: one-batch rows; T: rows of --sequential T
 
     def matches(self, row: dict[str, Any]) -> bool:
         cfg = row.get("config", {})
         return (row.get("status") == "ok" and row.get("task") == self.task and row.get("model") == self.model
                 and row.get("editor") == self.editor and row.get("n_edits") == self.n_edits
-                and (self.seed is None or row.get("seed") == self.seed) and matches_set(cfg, self.set))
+                and (self.seed is None or row.get("seed") == self.seed) and matches_set(cfg, self.set)
+                and cfg.get("sequential", 0) == self.sequential)
 
     def label(self) -> str:
         seed = "" if self.seed is None else f" seed {self.seed}"
-        return f"{variant_label(self.editor, self.set)} m={self.n_edits}{seed}"
+        seq = f" sequential {self.sequential}" if self.sequential else ""
+        return f"{variant_label(self.editor, self.set)} m={self.n_edits}{seq}{seed}"
 
     def scope(self) -> str:
         return f"{self.model}/{self.task}"
@@ -179,8 +185,12 @@ def _selector(d: dict[str, Any], common: dict[str, Any], where: str, side: bool 
     sets = merged.get("set", {})
     if not isinstance(sets, dict):
         raise ThresholdError(f"{where}: 'set' must be a table of key = value")
+    sequential = merged.get("sequential", 0)
+    if not isinstance(sequential, int) or isinstance(sequential, bool) or sequential < 0:
+        raise ThresholdError(f"{where}: 'sequential' must be a non-negative integer")
     sel = Selector(_need(merged, "task", str, where), _need(merged, "model", str, where),
-                   _need(merged, "editor", str, where), _need(merged, "edits", int, where), dict(sets), seed)
+                   _need(merged, "editor", str, where), _need(merged, "edits", int, where), dict(sets), seed,
+                   sequential)
     if sel.n_edits < 1:
         raise ThresholdError(f"{where}: 'edits' must be at least 1")
     _check_names(sel, where)
@@ -259,7 +269,7 @@ def load_thresholds(path: str | Path) -> tuple[list[Threshold], list[Ratio]]:
         q = _need(d, "quantity", str, where)
         if q not in QUANTITIES:
             raise ThresholdError(f"{where}: unknown quantity '{q}'; choices: {', '.join(QUANTITIES)}")
-        common = {k: d[k] for k in ("task", "model", "edits", "seed") if k in d}
+        common = {k: d[k] for k in ("task", "model", "edits", "seed", "sequential") if k in d}
         num = _selector(_need(d, "numerator", dict, where), common, f"{where} numerator", side=True)
         den = _selector(_need(d, "denominator", dict, where), common, f"{where} denominator", side=True)
         ratios.append(Ratio(num, den, q, _bounds(d, where, quantity=q)))

@@ -52,6 +52,9 @@ def summary_table(row: dict[str, Any], title: str) -> Table:
                 t.add_row(label, fmt(m.get(f"pre_{k}"), True), fmt(m.get(k), True))
     if row.get("batches"):
         t.add_row(f"(means over {len(row['batches'])} batches)", "", "")
+    if seq := row.get("sequence"):
+        t.add_row(f"(after {len(seq)} batches kept in sequence: all {seq[-1]['n_edited']} edited requests; "
+                  f"ES of batch 1 {100 * seq[-1]['first_batch'].get('es', float('nan')):.1f} %)", "", "")
     times = row.get("times", {})
     t.add_section()
     for k in ("prepare_s", "edit_s", "eval_s"):

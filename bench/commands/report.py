@@ -379,6 +379,79 @@ def figures(ok: pd.DataFrame, out: Path) -> dict[tuple[str, str], list[tuple[Pat
     return made
 
 
+SEQ_PANELS = [("es", "ES over all edited requests (%)"), ("gs", "GS over all edited requests (%)"),
+              ("ls", "LS: locality, gold answers (%)"), ("first_es", "ES of batch 1 (retention, %)"),
+              ("ls_agree", "LS agree: unchanged by the edits (%)"), ("edit_s", "edit time of the batch (s)")]
+
+
+def sequence_frame(seq: pd.DataFrame) -> pd.DataFrame:
+    """One line per (run, step) of `--sequential` rows: the curve in percent, the batch's edit time."""
+    recs = []
+    for _, r in seq.iterrows():
+        for s in r["sequence"]:
+            m, first, pre = s["metrics"], s.get("first_batch", {}), s.get("pre", {})
+            recs.append({"model": r["model"], "task": r["task"], "n_edits": r["n_edits"], "T": len(r["sequence"]),
+                         "variant": r["variant"], "seed": r["seed"], "n_edited": s["n_edited"],
+                         **{k: 100 * m[k] for k in ("es", "gs", "ls", "ls_agree") if k in m},
+                         "first_es": 100 * first.get("es", np.nan),
+                         **{f"pre_{k}": 100 * pre[k] for k in ("es", "gs", "ls") if k in pre},
+                         "edit_s": s["edit_s"]})
+    return pd.DataFrame(recs)
+
+
+def sequence_figures(frame: pd.DataFrame, out: Path) -> list[tuple[tuple[str, str, int, int], Path, str]]:
+    """Retention curves of lifelong editing: ES, GS, LS, batch 1's ES, LS agree and time against edits applied."""
+    made = []
+    for (model, task, m, t), g in frame.groupby(["model", "task", "n_edits", "T"]):
+        variants = sorted(g["variant"].unique())
+        style = _styles(variants)
+        fig, axes = plt.subplots(3, 2, figsize=(10.4, 11.7), squeeze=False)
+        for ax, (col, ylabel) in zip(axes.flat, SEQ_PANELS, strict=True):
+            for v, dv in g.groupby("variant"):
+                sns.lineplot(data=dv, x="n_edited", y=col, errorbar="sd", ax=ax, legend=False, color=style[v]["color"],
+                             marker=style[v]["marker"], dashes=style[v]["dashes"], markersize=5)
+            pre = {"first_es": "pre_es"}.get(col, f"pre_{col}")
+            if pre in g and g[pre].notna().any():
+                base = g.groupby("n_edited")[pre].mean()
+                ax.plot(base.index, base.to_numpy(), color="0.45", linestyle="--", linewidth=1.2, zorder=1)
+            if col != "edit_s":
+                ax.set_ylim(-3, 103)
+            ax.set_xlabel("edits applied (batches of m, one after another)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+        handles = [plt.Line2D([], [], color=style[v]["color"], marker=style[v]["marker"], label=v) for v in variants]
+        handles.append(plt.Line2D([], [], color="0.45", linestyle="--", label="pre-edit (unedited model)"))
+        fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.93), frameon=False, fontsize=8.5)
+        seeds = ",".join(str(s) for s in sorted(g["seed"].unique()))
+        fig.suptitle(f"{model} / {task}: lifelong editing, {t} batches of m = {m}\n(line = mean over seeds {seeds}, "
+                     "band = ±1 sample sd)", fontsize=11)
+        fig.tight_layout(rect=(0, 0.03, 1, 0.96))
+        p = out / "figures" / f"sequential_{_slug(model, task, m, t)}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(p, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        made.append(((model, task, m, t), p,
+                     f"Lifelong editing on {model} / {task}: {t} batches of {m} edits applied one after another without "
+                     "restoring. After each batch: ES and GS over every request edited so far, LS and LS agree over "
+                     "their unrelated probes, ES of the first batch alone, and that batch's edit time; grey dashed: "
+                     f"the unedited model on the same probes (seeds {seeds})."))
+    return made
+
+
+def sequence_table(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The state after the last batch per variant: retention, locality, time per batch."""
+    last = frame[frame["n_edited"] == frame.groupby(["variant", "seed"])["n_edited"].transform("max")]
+    header = ["variant", "ES %", "GS %", "LS %", "LS agree %", "batch-1 ES %", "pre LS %", "edit s / batch", "seeds"]
+    rows = []
+    for v, g in last.groupby("variant"):
+        per = frame[frame["variant"] == v]
+        cells = [fmt_cell(g[c].mean(), g[c].std(ddof=1) if len(g) > 1 else np.nan)
+                 for c in ("es", "gs", "ls", "ls_agree", "first_es", "pre_ls")]
+        rows.append([v, *cells, fmt_cell(per["edit_s"].mean(), np.nan, 1.0, 3),
+                     ",".join(str(s) for s in sorted(g["seed"].unique()))])
+    return header, rows
+
+
 # ---------------------------------------------------------------- tables
 
 
@@ -478,11 +551,15 @@ def write_report(results_dir: str | Path, out: str | Path = "reports") -> dict[s
     flat.to_csv(out / "runs.csv", index=False)
 
     ok, dropped = ok_runs(df)
+    # Lifelong rows (--sequential) measure another protocol: their own section, never mixed into one-batch curves.
+    is_seq = ok["sequence"].map(lambda v: isinstance(v, list)) if "sequence" in ok else pd.Series(False, ok.index)
+    n_ok = len(ok)
+    ok, seq = ok[~is_seq], ok[is_seq]
     n_failed = int((df["status"] != "ok").sum())
     doc = Doc()
     doc.h(1, "editbench report")
     doc.p(f"Generated {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')} by `bench report` from "
-          f"`{results_dir / 'runs.jsonl'}`: {len(df)} stored rows, {len(ok)} ok runs used, {n_failed} failed "
+          f"`{results_dir / 'runs.jsonl'}`: {len(df)} stored rows, {n_ok} ok runs used, {n_failed} failed "
           f"(listed at the end), {dropped} older reruns of an identical config ignored (newest kept). "
           "All rows flattened: runs.csv; aggregated numbers at full precision: tables/*.csv.")
     doc.h(2, "Metric definitions")
@@ -491,7 +568,7 @@ def write_report(results_dir: str | Path, out: str | Path = "reports") -> dict[s
           "setting, data file or device is a separate line, labelled by the settings that differ from the "
           "editor's defaults (paper defaults plus editors/hparams/<editor>/<model>.json). " + AGG_NOTE)
     if ok.empty:
-        doc.p("No ok runs: nothing to plot.")
+        doc.p("No ok one-batch runs: no scaling curves.")
         agg = pd.DataFrame()
     else:
         agg = aggregate(ok, list(PCT) + list(COST))
@@ -514,6 +591,18 @@ def write_report(results_dir: str | Path, out: str | Path = "reports") -> dict[s
         abl = ablation_tables(agg, doc)
         if not abl.empty:
             abl.to_csv(out / "tables" / "ablation.csv", index=False)
+    if not seq.empty:
+        frame = sequence_frame(seq)
+        frame.to_csv(out / "tables" / "sequential.csv", index=False)
+        doc.h(2, "Lifelong editing")
+        for (model, task, m, t), path, caption in sequence_figures(frame, out):
+            doc.h(3, f"{model} / {task}: {t} batches of m = {m}")
+            doc.img(path, caption)
+            doc.p(caption)
+            sel = frame[(frame["model"] == model) & (frame["task"] == task) & (frame["n_edits"] == m) & (frame["T"] == t)]
+            doc.table(*sequence_table(sel))
+            doc.p(f"After the last of {t} batches ({t * m} edits). Batch-1 ES: the first batch's requests on the final "
+                  "model. Edit s / batch: mean over batches and seeds (edit + what the editor remembers). " + AGG_NOTE)
     failed = df[df["status"] != "ok"]
     if len(failed):
         doc.h(2, "Failed runs")
@@ -522,5 +611,5 @@ def write_report(results_dir: str | Path, out: str | Path = "reports") -> dict[s
                     str(r["n_edits"]), str(r["seed"]), str(r.get("error", ""))[:200]] for _, r in failed.iterrows()])
     (out / "index.md").write_text(doc.markdown(out), encoding="utf-8")
     (out / "index.html").write_text(doc.html("editbench report"), encoding="utf-8")
-    return {"rows": len(df), "ok": len(ok), "failed": n_failed, "out": str(out),
+    return {"rows": len(df), "ok": n_ok, "failed": n_failed, "out": str(out),
             "figures": sorted(str(p) for p in (out / "figures").glob("*.png")), "aggregate": agg}
