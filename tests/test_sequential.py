@@ -101,6 +101,16 @@ def test_sequential_row_stores_the_curve_and_alphaedit_remembers(tiny_gpt2, tmp_
     assert row["info"]["prepare"]["null_dims"]
     lines = Path(row["samples_path"]).read_text().splitlines()
     assert len([x for x in lines if '"probe": "es"' in x]) == 16
+    # the report gives lifelong rows their own section; check selects them only with `sequential`
+    from bench.commands.check import Selector
+    from bench.commands.report import write_report
+
+    rep = write_report(tmp_path, tmp_path / "report")
+    assert any("sequential_tiny-gpt2_synthetic_8_2" in f for f in rep["figures"])
+    text = (tmp_path / "report" / "index.md").read_text()
+    assert "## Lifelong editing" in text and "No ok one-batch runs" in text
+    assert Selector("synthetic", "tiny-gpt2", "alphaedit", 8, sequential=2).matches(row)
+    assert not Selector("synthetic", "tiny-gpt2", "alphaedit", 8).matches(row)
 
 
 def test_sequential_enters_the_hash_and_bad_combinations_fail_fast():
