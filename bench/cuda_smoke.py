@@ -1,4 +1,4 @@
-"""CUDA smoke check: the four editors on tiny-gpt2 and on a random GPT-2-small, float32 and bfloat16, m = 16 and 256.
+"""CUDA smoke check: the five editors on tiny-gpt2 and on a random GPT-2-small, float32 and bfloat16, m = 16 and 256.
 
     python -m bench.cuda_smoke [--out DIR] [--cache-dir results] [--budget-s 540]     (or: nox -s cuda_smoke)
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 NO_CUDA_EXIT = 3
-EDITORS = ("malmen", "mend", "memit", "ft")
+EDITORS = ("malmen", "mend", "memit", "alphaedit", "ft")
 DTYPES = ("float32", "bfloat16")
 EDITS = (16, 256)
 RANDOM_GPT2 = "gpt2-small-random"
@@ -39,9 +39,9 @@ RANDOM_GPT2 = "gpt2-small-random"
 META = {"train_edits": "16", "schedule": "select", "steps": "60", "val_every": "30", "n_val": "64"}
 SETS: dict[str, dict[str, dict[str, str]]] = {
     # tiny-gpt2's MEND file trains 800 steps at meta-lr 1e-5; for 60 steps, its MALMEN file's 1e-3
-    "tiny-gpt2": {"malmen": META, "mend": {**META, "meta_lr": "1e-3"}, "memit": {}, "ft": {}},
+    "tiny-gpt2": {"malmen": META, "mend": {**META, "meta_lr": "1e-3"}, "memit": {}, "alphaedit": {}, "ft": {}},
     RANDOM_GPT2: {"malmen": META, "mend": META, "memit": {"mom2_dataset": "synthetic", "mom2_n_samples": "2000"},
-                  "ft": {}},
+                  "alphaedit": {"mom2_dataset": "synthetic", "mom2_n_samples": "2000"}, "ft": {}},
 }
 
 

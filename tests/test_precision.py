@@ -27,7 +27,8 @@ from tasks.synthetic import SyntheticTask
 # over 1,024 of the world's sentences and 40 z steps; the rest is editors/hparams/<editor>/tiny-gpt2.json.
 META = dict(rank=128, meta_lr=1e-3, train_edits=8, schedule="select", steps=20, val_every=20, n_val=16)
 SHORT = {"malmen": {**META, "block": "official"}, "mend": META,
-         "memit": dict(mom2_n_samples=1024, v_num_grad_steps=40), "ft": {}}
+         "memit": dict(mom2_n_samples=1024, v_num_grad_steps=40),
+         "alphaedit": dict(mom2_n_samples=1024, v_num_grad_steps=40), "ft": {}}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_alias_loads_in_bfloat16_with_its_own_cache_key(tiny_bf16, tiny_gpt2):
     assert tiny_bf16.model.lm_head.weight is tiny_bf16.model.transformer.wte.weight
 
 
-@pytest.mark.parametrize("name", ["ft", "memit", "malmen", "mend"])
+@pytest.mark.parametrize("name", ["ft", "memit", "alphaedit", "malmen", "mend"])
 def test_each_editor_edits_a_bfloat16_model_and_restores_it_bit_exactly(name, tiny_bf16, tmp_path):
     """ES clearly above pre-ES; float32 deltas; the bf16 weights bit-identical after prepare, edit and apply."""
     em = tiny_bf16
