@@ -68,53 +68,53 @@ def main(argv: list[str] | None = None) -> None:
     if a.editor == "alphaedit":
         _grid_alphaedit(a, em, requests, pre)
         return
-    cls = editors.EDITORS["memit"]
     for zname, zset in Z_SETTINGS.items():
-        hp = hparams_from(cls.hparams_cls, zset, model_defaults("memit", a.model))
-        ctx = EditorContext(results_dir=a.results, seed=0, task_name=a.task, task_key=a.task, model_key=em.key,
-                            n_edits=a.n, progress=None, log=lambda s: None)
-        ed = cls(em, hp, ctx)
-        ed.prepare([])
-        _memo_targets(ed)
+        ed = _prepared("memit", zset, a, em)
         t0 = time.perf_counter()
         for w in (float(x) for x in a.w.split(",")):
             ed.hparams = dataclasses.replace(ed.hparams, mom2_update_weight=w)
-            edit = ed.edit(requests)
-            with edit.applied(em.model):
-                post = evaluate(em, requests)
-            m = combine(pre, post)
-            print(json.dumps({"task": a.task, "n": a.n, "z": zname, "w": w,
-                              **{k: round(m[k], 4) for k in ("es", "gs", "ls_agree", "ls", "pre_ls", "pre_es")},
-                              "residual": round(edit.mean_residual, 4),
+            edit, scores = _edit_and_score(ed, em, requests, pre)
+            print(json.dumps({"task": a.task, "n": a.n, "z": zname, "w": w, **scores,
                               "v_loss_mean": round(edit.info.get("v_loss_mean", float("nan")), 4),
                               "s_since_z_start": round(time.perf_counter() - t0, 1)}), flush=True)
+
+
+def _prepared(editor: str, sets: dict[str, str], a: argparse.Namespace, em: Any) -> Any:
+    """The editor with the model file's settings plus `sets`, prepared, its z computed once for every later edit."""
+    cls = editors.EDITORS[editor]
+    hp = hparams_from(cls.hparams_cls, sets, model_defaults(editor, a.model))
+    ctx = EditorContext(results_dir=a.results, seed=0, task_name=a.task, task_key=a.task, model_key=em.key,
+                        n_edits=a.n, progress=None, log=lambda s: None)
+    ed = cls(em, hp, ctx)
+    ed.prepare([])
+    _memo_targets(ed)
+    return ed
+
+
+def _edit_and_score(ed: Any, em: Any, requests: list[Any], pre: Any) -> tuple[Any, dict[str, float]]:
+    """Edit `requests`, evaluate them with the edit applied: (edit, the printed metrics and residual)."""
+    edit = ed.edit(requests)
+    with edit.applied(em.model):
+        post = evaluate(em, requests)
+    m = combine(pre, post)
+    return edit, {**{k: round(m[k], 4) for k in ("es", "gs", "ls_agree", "ls", "pre_ls", "pre_es")},
+                  "residual": round(edit.mean_residual, 4)}
 
 
 def _grid_alphaedit(a: argparse.Namespace, em: Any, requests: list[Any], pre: Any) -> None:
     """One JSON line per (nullspace_threshold, L2) on the model file's z settings."""
     from editors.alphaedit import null_space_projector
 
-    cls = editors.EDITORS["alphaedit"]
-    hp = hparams_from(cls.hparams_cls, {}, model_defaults("alphaedit", a.model))
-    ctx = EditorContext(results_dir=a.results, seed=0, task_name=a.task, task_key=a.task, model_key=em.key,
-                        n_edits=a.n, progress=None, log=lambda s: None)
-    ed = cls(em, hp, ctx)
-    ed.prepare([])
-    _memo_targets(ed)
+    ed = _prepared("alphaedit", {}, a, em)
     t0 = time.perf_counter()
     for thr in (float(x) for x in a.threshold.split(",")):
         ed._proj = {n: null_space_projector(s.mom2, thr) for n, s in ed._stats.items()}
         dims = [round(float(p.trace())) for p in ed._proj.values()]
         for lam in (float(x) for x in a.l2.split(",")):
             ed.hparams = dataclasses.replace(ed.hparams, nullspace_threshold=thr, L2=lam)
-            edit = ed.edit(requests)
-            with edit.applied(em.model):
-                post = evaluate(em, requests)
-            m = combine(pre, post)
+            _, scores = _edit_and_score(ed, em, requests, pre)
             print(json.dumps({"editor": "alphaedit", "task": a.task, "n": a.n, "threshold": thr, "L2": lam,
-                              "null_dims": dims,
-                              **{k: round(m[k], 4) for k in ("es", "gs", "ls_agree", "ls", "pre_ls", "pre_es")},
-                              "residual": round(edit.mean_residual, 4),
+                              "null_dims": dims, **scores,
                               "s_since_z_start": round(time.perf_counter() - t0, 1)}), flush=True)
 
 
