@@ -22,7 +22,7 @@ import torch
 
 from bench.counterfact_scores import PairScores, answer_logprobs, answer_prob, rome_scores
 from bench.generation import generation_success
-from bench.metrics import probes
+from bench.metrics import Evaluation, combine, probes
 from bench.models import EditableModel
 from tasks.base import EditRequest
 
@@ -76,6 +76,14 @@ def counterfact_scores(em: EditableModel, requests: Sequence[EditRequest]) -> di
     paraphrase = kind(lambda r: r.rephrases) if any(r.rephrases for r in requests) else None
     neighborhood = kind(lambda r: r.neighborhood_prompts or (r.locality_prompt,))
     return rome_scores(rewrite, paraphrase, neighborhood)
+
+
+def combine_all(pre: Evaluation, post: Evaluation, pre_x: ExtraEval, post_x: ExtraEval) -> dict[str, float]:
+    """`bench.metrics.combine` plus the extra metrics of both states (`pre_` for the unedited one): one row's metrics."""
+    out = combine(pre, post)
+    out.update(post_x.metrics)
+    out.update({f"pre_{k}": v for k, v in pre_x.metrics.items()})
+    return out
 
 
 def extra_metrics(em: EditableModel, requests: Sequence[EditRequest], opts: ExtraOptions) -> ExtraEval:

@@ -24,10 +24,10 @@ import editors
 import tasks
 from bench.config import RunConfig, stable_hash
 from bench.download import DownloadError, full_data
-from bench.eval_extra import ExtraOptions, extra_metrics
+from bench.eval_extra import ExtraOptions, combine_all, extra_metrics
 from bench.machine import cpu_env, cpu_model
 from bench.measure import measure, per_device_fields
-from bench.metrics import combine, evaluate
+from bench.metrics import evaluate
 from bench.models import (
     DEVICE_MAP_STRATEGIES,
     DTYPES,
@@ -605,20 +605,10 @@ def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, lo
     if cfg.sequential:
         seq = edit_in_sequence(editor, em, res.task.sample_batches(cfg.n_edits, cfg.sequential, cfg.seed), opts,
                                devices, lambda: set_seed(cfg.seed), cfg.log_samples)
-        out = dict(seq.summary)
-        out.update({
-            "times": {"prepare_s": prep.seconds, "edit_s": out.pop("edit_s"), "eval_s": out.pop("eval_s"),
-                      "pre_eval_s": out.pop("pre_eval_s")},
-            "sequence": seq.steps,
-            "peak_mem_prepare_bytes": prep.peak_bytes,
-            "mem_kind": seq.peak_measure.mem_kind,
-            **per_device_fields(prep, seq.peak_measure),
-            "n_skipped_records": res.task.n_skipped,
-            "info": {"prepare": editor.prepare_info(), "edit": seq.first_info, "model": em.info,
-                     "data": res.task.data_info},
-        })
-        if cfg.log_samples:
-            out["samples"] = seq.samples
+        out = _phase_fields(res, editor, em, prep, seq.summary, seq.peak_measure, seq.first_info,
+                            seq.samples if cfg.log_samples else None)
+        out["times"]["pre_eval_s"] = out.pop("pre_eval_s")
+        out["sequence"] = seq.steps
         return out
     batches = res.task.sample_batches(cfg.n_edits, res.config.get("batches", 1), cfg.seed)
     done, samples = [], []
@@ -631,26 +621,32 @@ def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, lo
             pre, pre_x = evaluate(em, requests), extra_metrics(em, requests, opts)
             with edit.applied(em.model):
                 post, post_x = evaluate(em, requests), extra_metrics(em, requests, opts)
-        metrics = combine(pre, post)
-        metrics.update(post_x.metrics)
-        metrics.update({f"pre_{k}": v for k, v in pre_x.metrics.items()})
+        metrics = combine_all(pre, post, pre_x, post_x)
         done.append({"metrics": metrics, "edit_s": ed.seconds, "eval_s": ev.seconds,
                      "peak_mem_edit_bytes": ed.peak_bytes, "mean_residual": edit.mean_residual,
                      "edit_info": edit.info, "measure": ed})
         if cfg.log_samples:
             samples += sample_lines(b, requests, pre, post, pre_x, post_x)
-    out = _batch_summary(done)
+    peak = max(done, key=lambda d: d["peak_mem_edit_bytes"] or 0)["measure"]
+    return _phase_fields(res, editor, em, prep, _batch_summary(done), peak, done[0]["edit_info"],
+                         samples if cfg.log_samples else None)
+
+
+def _phase_fields(res: Resolved, editor: editors.Editor, em: EditableModel, prep: Any, summary: dict[str, Any],
+                  peak: Any, edit_info: dict[str, Any], samples: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The row fields of the prepare/edit/evaluate phases, from the edit protocol's summary (one batch, --batches
+    or --sequential); `samples` (--log-samples) are written by the caller, which knows the run id."""
+    out = dict(summary)
     out.update({
         "times": {"prepare_s": prep.seconds, "edit_s": out.pop("edit_s"), "eval_s": out.pop("eval_s")},
         "peak_mem_prepare_bytes": prep.peak_bytes,
-        "mem_kind": done[0]["measure"].mem_kind,
-        **per_device_fields(prep, max(done, key=lambda d: d["peak_mem_edit_bytes"] or 0)["measure"]),
+        "mem_kind": peak.mem_kind,
+        **per_device_fields(prep, peak),
         "n_skipped_records": res.task.n_skipped,
-        "info": {"prepare": editor.prepare_info(), "edit": done[0]["edit_info"], "model": em.info,
-                 "data": res.task.data_info},
+        "info": {"prepare": editor.prepare_info(), "edit": edit_info, "model": em.info, "data": res.task.data_info},
     })
-    if cfg.log_samples:
-        out["samples"] = samples  # written by the caller, which knows the run id
+    if samples is not None:
+        out["samples"] = samples
     return out
 
 

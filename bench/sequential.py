@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from bench.eval_extra import ExtraEval, ExtraOptions, extra_metrics
+from bench.eval_extra import ExtraEval, ExtraOptions, combine_all, extra_metrics
 from bench.measure import PhaseStats, measure
-from bench.metrics import Evaluation, agreement, combine, evaluate
+from bench.metrics import Evaluation, agreement, evaluate
 from bench.models import EditableModel
 from bench.samples import sample_lines
 from editors.base import Edit, Editor, add_delta_
@@ -116,9 +116,7 @@ def edit_in_sequence(editor: Editor, em: EditableModel, batches: Sequence[Sequen
     finally:
         kept.restore()
     assert post is not None and post_x is not None
-    final = combine(pre, post)
-    final.update(post_x.metrics)
-    final.update({f"pre_{k}": v for k, v in pre_x.metrics.items()})
+    final = combine_all(pre, post, pre_x, post_x)
     peaks = [s["peak_mem_edit_bytes"] for s in steps if s["peak_mem_edit_bytes"] is not None]
     res = [s["mean_residual"] for s in steps if s["mean_residual"] is not None]
     summary = {
