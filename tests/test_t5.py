@@ -322,12 +322,11 @@ def test_ft_edits_tiny_t5(tiny_t5, tmp_path, results_cache):
 @pytest.mark.slow
 @pytest.mark.parametrize("editor", ["malmen", "mend"])
 def test_hypernetwork_editors_edit_tiny_t5(editor, tiny_t5, tmp_path, results_cache):
-    """`bench run --editor malmen --model tiny-t5 --task synthetic --edits 64 --seed 0`: ES >= 0.9, GS >= 0.7.
+    """`bench run --editor malmen --model tiny-t5 --task synthetic --edits 64 --seed 0`: the issue's targets.
 
-    Measured (docs/t5.md): MALMEN ES 0.938, GS 0.917, LS 0.922 against pre-LS 1.000; MEND ES 0.875,
-    LS 0.844. The issue's locality target (LS within 0.05 of pre-LS) is not reached by any setting
-    measured on the training split, so this asserts the measured LS loss with its noise (one batch of
-    64 probes: about +-0.035), not the target: a drop of 0.10 at most for MALMEN.
+    MALMEN: ES >= 0.9, GS >= 0.7 and LS within 0.05 of pre-LS (measured, docs/t5.md: ES 0.922, GS 0.896,
+    LS 0.953 against pre-LS 1.000, with the file's loc_coef 50 and 10 epochs chosen on the training
+    split). MEND must edit (measured ES 0.875, LS 0.844); it has no locality target.
     """
     from bench.run import run_one
 
@@ -336,6 +335,6 @@ def test_hypernetwork_editors_edit_tiny_t5(editor, tiny_t5, tmp_path, results_ca
     m = row["metrics"]
     assert m["pre_es"] <= 0.1 and m["pre_gs"] <= 0.1, m
     if editor == "malmen":
-        assert m["es"] >= 0.9 and m["gs"] >= 0.7 and m["pre_ls"] - m["ls"] <= 0.10, m
+        assert m["es"] >= 0.9 and m["gs"] >= 0.7 and m["pre_ls"] - m["ls"] <= 0.05, m
     else:
         assert m["es"] >= m["pre_es"] + 0.5 and m["gs"] >= m["pre_gs"] + 0.5, m

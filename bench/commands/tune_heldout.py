@@ -10,6 +10,11 @@ as the evaluation split's probes are disjoint from the training split's. Meta-tr
 editor's own schedule (the official one: final weights); the held-out requests are then edited in
 full batches of `--edits`, each from the unedited model, and the mean ES / GS / LS / pre-LS /
 ls_agree over the batches is printed as one JSON line. The evaluation split is never read.
+
+Two diagnostics of what limits locality: `--probes seen` gives the held-out requests probes from the
+meta-training half (LS on probes the locality term saw), `--probes mixed` adds the training half of the
+other probe pool (the locality people's facts) to the meta-training probes. `--stacks encoder|decoder`
+edits the last `last_n` blocks of one stack of an encoder-decoder model only.
 """
 
 from __future__ import annotations
@@ -29,19 +34,38 @@ from bench.models import LoadContext, load_model
 from editors.base import EditorContext, hparams_from, model_defaults
 from tasks.synthetic import SyntheticTask
 
+PROBES = ("disjoint", "seen", "mixed")
 
-def heldout_requests(task: SyntheticTask, n_val: int, seed: int) -> tuple[list, list]:
+
+def heldout_requests(task: SyntheticTask, n_val: int, seed: int, probes_mode: str = "disjoint") -> tuple[list, list]:
     """(meta-training, held-out) requests of the training split, their probes from disjoint halves of its pool."""
     world = task.world
-    probes = world.unrelated_idx if task.config.locality == "unrelated" else world.locality_idx
+    unrelated = task.config.locality == "unrelated"
+    probes = world.unrelated_idx if unrelated else world.locality_idx
     pool = probes[: len(probes) // 2]  # the training split's half (tasks/synthetic.py World.requests)
     fit_probes, val_probes = pool[: len(pool) // 2], pool[len(pool) // 2:]
+    if probes_mode == "seen":
+        val_probes = fit_probes
+    elif probes_mode == "mixed":
+        other = world.locality_idx if unrelated else world.unrelated_idx
+        fit_probes = fit_probes + other[: len(other) // 2]
+    elif probes_mode != "disjoint":
+        raise ValueError(f"probes must be one of {PROBES}, got {probes_mode!r}")
     facts = list(world.train_idx)
     rng = random.Random(f"tune-heldout:{seed}")
     rng.shuffle(facts)
     val, fit = facts[:n_val], facts[n_val:]
     return ([world.request(i, fit_probes[rng.randrange(len(fit_probes))]) for i in fit],
             [world.request(i, val_probes[rng.randrange(len(val_probes))]) for i in val])
+
+
+def one_stack(em, stack: str) -> None:
+    """Make `em.module_names` pick the last `last_n` blocks of the encoder or the decoder only."""
+    full = em.module_names
+
+    def names(which: str = "second_fc", blocks=None, last_n: int = 6) -> list[str]:
+        return [n for n in full(which, blocks, 2 * last_n) if n.startswith(f"{stack}.")]
+    em.module_names = names
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,13 +78,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", type=Path, default=Path("results"), help="model cache folder")
     ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--probes", choices=PROBES, default="disjoint", help="where the locality probes come from")
+    ap.add_argument("--stacks", choices=("both", "encoder", "decoder"), default="both",
+                    help="encoder-decoder models: which stacks are edited")
     a = ap.parse_args(argv)
     editor_cls = editors.EDITORS[a.editor]
     over = {**_parse_sets(a.sets), "train_edits": a.edits}
     hp = hparams_from(editor_cls.hparams_cls, over, model_defaults(a.editor, a.model))
     task = SyntheticTask()
-    fit, val = heldout_requests(task, a.val, a.seed)
+    fit, val = heldout_requests(task, a.val, a.seed, a.probes)
     em = load_model(LoadContext(a.model, a.results, "cpu", task.kind, a.seed, None))
+    if a.stacks != "both":
+        if not em.is_seq2seq:
+            raise SystemExit(f"--stacks applies to encoder-decoder models; {a.model} has one stack")
+        one_stack(em, a.stacks)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:  # no checkpoint kept: this is a measurement
         ctx = EditorContext(results_dir=Path(tmp), seed=a.seed, model_key=em.key or a.model, task_key="synthetic",
@@ -79,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     keys = ("es", "gs", "ls", "pre_es", "pre_ls", "ls_agree")
     mean = {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in keys}
     print(json.dumps({"editor": a.editor, "model": a.model, "edits": a.edits, "batches": len(rows),
-                      "n_fit": len(fit), "set": _parse_sets(a.sets), **mean,
+                      "n_fit": len(fit), "set": _parse_sets(a.sets), "probes": a.probes, "stacks": a.stacks,
+                      "modules": ed.modules, **mean,
                       "score": round((mean["es"] + mean["gs"] + mean["ls"]) / 3, 4),
                       "hparams": dataclasses.asdict(hp), "train_s": round(train_s, 1)}))
 
