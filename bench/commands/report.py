@@ -73,8 +73,12 @@ PCT = {"metrics.pre_es": "pre ES", "metrics.es": "ES", "metrics.gs": "GS", "metr
        "metrics.es_gen": "ES gen", "metrics.gs_gen": "GS gen", "metrics.ls_gen": "LS gen",
        "metrics.pre_cf_score": "pre CF Score", "metrics.cf_es": "CF ES", "metrics.cf_ps": "CF PS",
        "metrics.cf_ns": "CF NS", "metrics.cf_score": "CF Score"}
+# The CPU peak is sampled RSS (bench/measure.py): a phase shorter than the sampling period, or one that
+# reuses memory freed earlier in the process, reads a fraction of a MiB, which is not a measurement.
+MEM_FLOOR_MIB = 1.0
 COST = {"times.edit_s": "edit s", "times.prepare_s": "prepare s", "info.prepare.meta_train_s": "meta-train s",
         "peak_edit_mib": "peak edit MiB", "peak_prepare_mib": "peak prepare MiB", "mean_residual": "mean residual"}
+MEM_COLS = ("peak_edit_mib", "peak_prepare_mib")
 
 
 # ---------------------------------------------------------------- data
@@ -99,6 +103,11 @@ def load_runs(results_dir: str | Path) -> pd.DataFrame:
         df[c] = pd.to_numeric(df[c], errors="coerce")
     df["peak_edit_mib"] = df["peak_mem_edit_bytes"] / 2**20
     df["peak_prepare_mib"] = df["peak_mem_prepare_bytes"] / 2**20
+    # The prepare phase of a run that loaded a cached checkpoint or statistics measures the load, not the work.
+    reused = [any(v is True for k, v in (r.get("info", {}).get("prepare") or {}).items() if k.endswith("reused"))
+              for r in rows]
+    df["prepare_fresh_s"] = df["times.prepare_s"].where(~pd.Series(reused, index=df.index)) \
+        if "times.prepare_s" in df else np.nan
     return disambiguate(df)
 
 
@@ -356,15 +365,20 @@ def figures(ok: pd.DataFrame, out: Path) -> dict[tuple[str, str], list[tuple[Pat
             files.append((p, f"Generation-based success (and CounterFact Score) against m on {model} / {task}."))
         kinds = ",".join(sorted(str(k) for k in g["mem_kind"].dropna().unique())) or "?"
         p = out / "figures" / f"cost_{_slug(model, task)}.png"
-        _panels(g, [("times.edit_s", "edit time (s, log scale)", "log"),
-                    ("times.prepare_s", "prepare phase time (s, log scale)", "log"),
-                    ("peak_edit_mib", f"peak memory, edit (MiB, {kinds})", "lin"),
-                    ("peak_prepare_mib", f"peak memory, prepare (MiB, {kinds})", "lin")],
-                f"{model} / {task}: cost vs number of edits\n({band}; {_context(g)})",
-                "prepare = meta-training / statistics of this run, or only loading them when cached by an earlier "
-                "cell; memory = peak above the phase's baseline (cuda_max_allocated on GPU, sampled RSS on CPU); "
-                "on CPU, memory an earlier cell of the same process freed is reused, so later cells can read low; "
-                "non-positive times are not drawn on the log axes.", p)
+        cost = [("times.edit_s", "edit time (s, log scale)", "log")]
+        if g["info.prepare.meta_train_s"].notna().any():
+            cost.append(("info.prepare.meta_train_s", "meta-training of the checkpoint (s, log scale)", "log"))
+        cost += [("prepare_fresh_s", "prepare phase, nothing reused (s, log scale)", "log"),
+                 ("peak_edit_mib", f"peak memory, edit (MiB, {kinds})", "lin"),
+                 ("peak_prepare_mib", f"peak memory, prepare (MiB, {kinds})", "lin")]
+        _panels(g.assign(peak_edit_mib=g["peak_edit_mib"].where(g["peak_edit_mib"] >= MEM_FLOOR_MIB),
+                         peak_prepare_mib=g["peak_prepare_mib"].where(g["peak_prepare_mib"] >= MEM_FLOOR_MIB)),
+                cost, f"{model} / {task}: cost vs number of edits\n({band}; {_context(g)})",
+                "meta-training = the time the hyper-network checkpoint took to train, also when a run reused it; "
+                "prepare phase = meta-training or statistics done by the run itself (runs that loaded them from "
+                "the cache are not drawn); memory = peak above the phase's baseline (cuda_max_allocated on GPU, "
+                f"sampled RSS on CPU; CPU peaks under {MEM_FLOOR_MIB:g} MiB are below what the sampler resolves "
+                "and are not drawn); non-positive times are not drawn on the log axes.", p)
         files.append((p, f"Cost: edit time, prepare time and peak memory against m on {model} / {task} ({_context(g)})."))
         r = g[g["mean_residual"].notna() & (g["mean_residual"] > 0)]
         if not r.empty:
@@ -458,11 +472,14 @@ def sequence_table(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 def comparison_rows(agg: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """Editor-comparison table of one (model, task, m): one line per variant."""
     cols = [c for c in list(PCT) + list(COST) if f"{c}:mean" in agg and agg[f"{c}:n"].sum() > 0]
+    # memory columns where no run reached the sampler's floor are noise, not a measurement
+    cols = [c for c in cols if c not in MEM_COLS or (agg[f"{c}:mean"] >= MEM_FLOOR_MIB).any()]
     header = ["variant"] + [PCT[c] + " %" if c in PCT else COST[c] for c in cols] + ["seeds", "runs"]
     rows = []
     for _, a in agg.sort_values("variant").iterrows():
-        cells = [fmt_cell(a[f"{c}:mean"], a[f"{c}:std"], 100.0 if c in PCT else 1.0,
-                          1 if c in PCT else 3) for c in cols]
+        cells = [f"< {MEM_FLOOR_MIB:g}" if c in MEM_COLS and a[f"{c}:mean"] < MEM_FLOOR_MIB else
+                 fmt_cell(a[f"{c}:mean"], a[f"{c}:std"], 100.0 if c in PCT else 1.0, 1 if c in PCT else 3)
+                 for c in cols]
         rows.append([a["variant"], *cells, a["seeds"], str(a["n_runs"])])
     return header, rows
 

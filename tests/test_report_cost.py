@@ -1,0 +1,47 @@
+"""The report's cost columns: meta-training apart from cache reuse, and CPU memory below the sampler's floor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from bench.commands.report import MEM_FLOOR_MIB, comparison_rows, load_runs
+from bench.config import RunConfig
+from bench.run import resolve
+from bench.store import ResultStore
+
+
+def _row(seed: int, prepare: dict, prepare_s: float, edit_bytes: int) -> dict:
+    res = resolve(RunConfig(editor="malmen", model="tiny-gpt2", task="synthetic", n_edits=4, seed=seed))
+    return {"run_id": f"r{seed}", "status": "ok", "config": res.config, "config_hash": res.config_hash,
+            "editor": "malmen", "model": "tiny-gpt2", "task": "synthetic", "n_edits": 4, "seed": seed,
+            "metrics": {"es": 1.0}, "times": {"prepare_s": prepare_s, "edit_s": 0.1},
+            "info": {"prepare": prepare}, "peak_mem_edit_bytes": edit_bytes, "peak_mem_prepare_bytes": 2**30,
+            "mem_kind": "cpu_rss_sampled"}
+
+
+def test_prepare_time_of_a_reused_checkpoint_is_not_the_work_and_meta_training_is_kept(tmp_path):
+    store = ResultStore(tmp_path)
+    store.append(_row(0, {"reused": False, "meta_train_s": 120.0}, 121.0, 3 * 2**20))
+    store.append(_row(1, {"reused": True, "meta_train_s": 120.0}, 0.02, 70_000))
+    store.append(_row(2, {"stats_reused": True}, 0.5, 70_000))
+    df = load_runs(tmp_path).sort_values("seed")
+    assert df["prepare_fresh_s"].tolist()[0] == 121.0 and np.isnan(df["prepare_fresh_s"].tolist()[1:]).all()
+    assert df["info.prepare.meta_train_s"].tolist()[:2] == [120.0, 120.0]
+
+
+def _agg(edit_mib: list[float], prepare_mib: list[float]) -> pd.DataFrame:
+    recs = []
+    for i, (e, p) in enumerate(zip(edit_mib, prepare_mib, strict=True)):
+        recs.append({"variant": f"v{i}", "seeds": "0", "n_runs": 1,
+                     "metrics.es:mean": 0.5, "metrics.es:std": np.nan, "metrics.es:n": 1,
+                     "peak_edit_mib:mean": e, "peak_edit_mib:std": np.nan, "peak_edit_mib:n": 1,
+                     "peak_prepare_mib:mean": p, "peak_prepare_mib:std": np.nan, "peak_prepare_mib:n": 1})
+    return pd.DataFrame(recs)
+
+
+def test_memory_below_the_sampler_floor_is_not_printed_as_a_number():
+    header, rows = comparison_rows(_agg([0.066, 0.5], [0.2, 300.0]))
+    assert "peak edit MiB" not in header  # every value below the floor: a column of noise, dropped
+    i = header.index("peak prepare MiB")
+    assert [r[i] for r in rows] == [f"< {MEM_FLOOR_MIB:g}", "300.000"]
