@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bench.commands.report import MEM_FLOOR_MIB, comparison_rows, load_runs
+from bench.commands.report import MEM_FLOOR_MIB, TIME_FLOOR_S, comparison_rows, load_runs
 from bench.config import RunConfig
 from bench.run import resolve
 from bench.store import ResultStore
@@ -35,13 +35,17 @@ def _agg(edit_mib: list[float], prepare_mib: list[float]) -> pd.DataFrame:
     for i, (e, p) in enumerate(zip(edit_mib, prepare_mib, strict=True)):
         recs.append({"variant": f"v{i}", "seeds": "0", "n_runs": 1,
                      "metrics.es:mean": 0.5, "metrics.es:std": np.nan, "metrics.es:n": 1,
+                     "times.prepare_s:mean": 7e-6 if i == 0 else 12.5, "times.prepare_s:std": np.nan,
+                     "times.prepare_s:n": 1,
                      "peak_edit_mib:mean": e, "peak_edit_mib:std": np.nan, "peak_edit_mib:n": 1,
                      "peak_prepare_mib:mean": p, "peak_prepare_mib:std": np.nan, "peak_prepare_mib:n": 1})
     return pd.DataFrame(recs)
 
 
-def test_memory_below_the_sampler_floor_is_not_printed_as_a_number():
+def test_memory_and_time_below_their_floor_are_not_printed_as_numbers():
     header, rows = comparison_rows(_agg([0.066, 0.5], [0.2, 300.0]))
     assert "peak edit MiB" not in header  # every value below the floor: a column of noise, dropped
     i = header.index("peak prepare MiB")
     assert [r[i] for r in rows] == [f"< {MEM_FLOOR_MIB:g}", "300.000"]
+    j = header.index("prepare s")  # a phase that did nothing reads the clock's overhead
+    assert [r[j] for r in rows] == [f"< {TIME_FLOOR_S:g}", "12.500"]
