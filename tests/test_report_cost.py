@@ -28,6 +28,7 @@ def test_prepare_time_of_a_reused_checkpoint_is_not_the_work_and_meta_training_i
     df = load_runs(tmp_path).sort_values("seed")
     assert df["prepare_fresh_s"].tolist()[0] == 121.0 and np.isnan(df["prepare_fresh_s"].tolist()[1:]).all()
     assert df["info.prepare.meta_train_s"].tolist()[:2] == [120.0, 120.0]
+    assert df["peak_prepare_fresh_mib"].tolist()[0] == 1024 and df["peak_prepare_fresh_mib"].isna().sum() == 2
 
 
 def _agg(edit_mib: list[float], prepare_mib: list[float]) -> pd.DataFrame:

@@ -109,8 +109,9 @@ def load_runs(results_dir: str | Path) -> pd.DataFrame:
     # The prepare phase of a run that loaded a cached checkpoint or statistics measures the load, not the work.
     reused = [any(v is True for k, v in (r.get("info", {}).get("prepare") or {}).items() if k.endswith("reused"))
               for r in rows]
-    df["prepare_fresh_s"] = df["times.prepare_s"].where(~pd.Series(reused, index=df.index)) \
-        if "times.prepare_s" in df else np.nan
+    fresh = ~pd.Series(reused, index=df.index)
+    df["prepare_fresh_s"] = df["times.prepare_s"].where(fresh) if "times.prepare_s" in df else np.nan
+    df["peak_prepare_fresh_mib"] = df["peak_prepare_mib"].where(fresh)
     return disambiguate(df)
 
 
@@ -373,16 +374,19 @@ def figures(ok: pd.DataFrame, out: Path) -> dict[tuple[str, str], list[tuple[Pat
             cost.append(("info.prepare.meta_train_s", "meta-training of the checkpoint (s, log scale)", "log"))
         cost += [("prepare_fresh_s", "prepare phase, nothing reused (s, log scale)", "log"),
                  ("peak_edit_mib", f"peak memory, edit (MiB, {kinds})", "lin"),
-                 ("peak_prepare_mib", f"peak memory, prepare (MiB, {kinds})", "lin")]
+                 ("peak_prepare_fresh_mib", f"peak memory, prepare, nothing reused (MiB, {kinds})", "lin")]
         _panels(g.assign(peak_edit_mib=g["peak_edit_mib"].where(g["peak_edit_mib"] >= MEM_FLOOR_MIB),
-                         peak_prepare_mib=g["peak_prepare_mib"].where(g["peak_prepare_mib"] >= MEM_FLOOR_MIB)),
+                         peak_prepare_fresh_mib=g["peak_prepare_fresh_mib"].where(
+                             g["peak_prepare_fresh_mib"] >= MEM_FLOOR_MIB),
+                         prepare_fresh_s=g["prepare_fresh_s"].where(g["prepare_fresh_s"] >= TIME_FLOOR_S)),
                 cost, f"{model} / {task}: cost vs number of edits\n({band}; {_context(g)})",
                 "meta-training = the time the hyper-network checkpoint took to train, also when a run reused it; "
                 "prepare phase = meta-training or statistics done by the run itself (runs that loaded them from "
-                "the cache are not drawn); memory = peak above the phase's baseline (cuda_max_allocated on GPU, "
-                f"sampled RSS on CPU; CPU peaks under {MEM_FLOOR_MIB:g} MiB are below what the sampler resolves "
-                "and are not drawn); non-positive times are not drawn on the log axes.", p)
-        files.append((p, f"Cost: edit time, prepare time and peak memory against m on {model} / {task} ({_context(g)})."))
+                "the cache, and phases under 1 ms, are not drawn); memory = peak above the phase's baseline "
+                "(cuda_max_allocated on GPU, sampled RSS on CPU; CPU peaks under "
+                f"{MEM_FLOOR_MIB:g} MiB are below what the sampler resolves and are not drawn).", p)
+        files.append((p, f"Cost: edit time, meta-training time, prepare phase of runs that reused nothing and peak "
+                         f"memory against m on {model} / {task} ({_context(g)})."))
         r = g[g["mean_residual"].notna() & (g["mean_residual"] > 0)]
         if not r.empty:
             p = out / "figures" / f"residual_{_slug(model, task)}.png"
