@@ -63,6 +63,27 @@ def test_derive_refuses_a_bound_an_editor_that_does_nothing_would_pass():
     assert "schema = 1" in to_toml([])
 
 
+def test_derive_can_leave_out_an_ungateable_cell_with_the_reason(tmp_path):
+    store = ResultStore(tmp_path / "store")
+    for s in (0, 1, 2):
+        store.append(fake_row("ft", 32, s, 1, es=0.2, gs=0.2, ls=1.0, pre=0.15))  # no better than doing nothing
+        store.append(fake_row("malmen", 64, s, 1, es=0.95, gs=0.9, ls=0.97))
+    left: list[str] = []
+    cells = derive(list(store.rows()), left_out=left)
+    assert [(c.editor, c.n_edits) for c in cells] == [("malmen", 64)]
+    assert len(left) == 1 and "ft m=32 es" in left[0] and "does nothing would pass" in left[0]
+    out = tmp_path / "t.toml"
+    r = CliRunner().invoke(app, ["derive", "--results", str(tmp_path / "store"), "--out", str(out),
+                                 "--leave-out-ungateable"])
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    assert "# Not gated: synthetic / tiny-gpt2: ft m=32 es" in text and 'editor = "ft"' not in text
+    ths, _ = load_thresholds(out)
+    assert all(o.passed for o in evaluate(ths, [], list(store.rows())))
+    r = CliRunner().invoke(app, ["derive", "--results", str(tmp_path / "store"), "--out", str(out)])
+    assert r.exit_code == 1 and "does nothing would pass" in r.output  # the default still refuses
+
+
 def test_time_ratio_is_derived_from_side_by_side_pairs(tmp_path):
     rows = [fake_row("ft", m, s, t, es=1.0, gs=1.0, ls=0.9, edit_s=(4.0 + 0.1 * s) * m / 32)
             for m in (32, 128) for s in (0, 1, 2) for t in (1, 2)]

@@ -85,8 +85,11 @@ def group_rows(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str, int]
     return dict(sorted(groups.items()))
 
 
-def derive(rows: Iterable[dict[str, Any]], min_runs: int = 3) -> list[CellBound]:
-    """Bounds for every cell with at least `min_runs` runs; ValueError if a bound could not catch a no-op."""
+def derive(rows: Iterable[dict[str, Any]], min_runs: int = 3, left_out: list[str] | None = None) -> list[CellBound]:
+    """Bounds for every cell with at least `min_runs` runs; ValueError if a bound could not catch a no-op.
+
+    With a `left_out` list such a cell is not gated instead: the reason is appended to the list.
+    """
     out = []
     for (task, model, editor, m), rs in group_rows(rows).items():
         if len(rs) < min_runs:
@@ -101,11 +104,17 @@ def derive(rows: Iterable[dict[str, Any]], min_runs: int = 3) -> list[CellBound]
             pre = max(float(r["metrics"][f"pre_{q}"]) for r in rs)
             bound, sigma = success_bound(vals, m)
             if q != "ls" and bound <= pre + K * sigma:
-                raise ValueError(f"{editor} m={m} {q}: bound {bound:.2f} is not above the pre-edit value {pre:.3f} "
-                                 f"by {K:g} sigma ({sigma:.3f}); an editor that does nothing would pass")
+                why = (f"{editor} m={m} {q}: bound {bound:.2f} is not above the pre-edit value {pre:.3f} "
+                       f"by {K:g} sigma ({sigma:.3f}); an editor that does nothing would pass")
+                if left_out is None:
+                    raise ValueError(why)
+                left_out.append(f"{task} / {model}: {why}")
+                break
             mins[q] = bound
             notes.append(f"{q}: min {min(vals):.3f} mean {statistics.fmean(vals):.3f} sigma {sigma:.3f} "
                          f"(pre <= {pre:.3f}) -> >= {bound:.2f}")
+        if len(mins) < len(SUCCESS):  # left out above
+            continue
         if editor in RESIDUAL_EDITORS:
             res = [float(r["mean_residual"]) for r in rs if r.get("mean_residual") is not None]
             if res:
@@ -174,6 +183,8 @@ def derive_cmd(
     out: Annotated[Path | None, typer.Option(help="write the thresholds file here (default: stdout)")] = None,
     min_runs: Annotated[int, typer.Option(help="cells with fewer runs are left out")] = 3,
     header: Annotated[Path | None, typer.Option(help="text put first (the method, as TOML comments)")] = None,
+    leave_out_ungateable: Annotated[bool, typer.Option(
+        help="leave out (with a comment) cells whose runs do not beat doing nothing, instead of refusing")] = False,
 ) -> None:
     """Derive regression thresholds from a measurement campaign (rule in bench/commands/derive.py)."""
     from bench.console import fail
@@ -182,13 +193,17 @@ def derive_cmd(
         rows = [r for d in results for r in ResultStore(d).rows()]
     except StoreError as e:
         fail(str(e), 2)
+    left_out: list[str] | None = [] if leave_out_ungateable else None
     try:
-        cells = derive(rows, min_runs)
+        cells = derive(rows, min_runs, left_out)
     except ValueError as e:
         fail(str(e), 1)
     if not cells:
         fail(f"no cell has {min_runs} or more ok runs in {', '.join(map(str, results))}", 1)
-    text = to_toml(cells, derive_ratios(rows, min_runs), header.read_text(encoding="utf-8") if header else "")
+    head = header.read_text(encoding="utf-8") if header else ""
+    if left_out:
+        head += "".join(f"# Not gated: {w}\n" for w in left_out)
+    text = to_toml(cells, derive_ratios(rows, min_runs), head)
     if out is None:
         print(text)
         return
