@@ -520,6 +520,8 @@ def ablation_tables(agg: pd.DataFrame, doc: Doc) -> pd.DataFrame:
         return pd.DataFrame()
     recs = []
     for m, g in mal.groupby("n_edits"):
+        if g["variant_diff"].nunique() < 2:  # MALMEN alone at this m: nothing ablated, no table
+            continue
         groups = sorted({(t, mo) for t, mo in zip(g["task"], g["model"], strict=True)})
         header = ["variant"] + [f"{t} / {mo}: {x} %" for t, mo in groups for x in ("ES", "GS", "LS")] + ["seeds", "runs"]
         diffs = {d: json.loads(d) for d in g["variant_diff"].unique()}
