@@ -78,10 +78,12 @@ PCT = {"metrics.pre_es": "pre ES", "metrics.es": "ES", "metrics.gs": "GS", "metr
 MEM_FLOOR_MIB = 1.0
 COST = {"times.edit_s": "edit s", "times.prepare_s": "prepare s", "info.prepare.meta_train_s": "meta-train s",
         "peak_edit_mib": "peak edit MiB", "peak_prepare_mib": "peak prepare MiB", "mean_residual": "mean residual"}
-MEM_COLS = ("peak_edit_mib", "peak_prepare_mib")
 # A phase that does nothing (fine-tuning's prepare) times in microseconds: the clock's overhead.
 TIME_FLOOR_S = 1e-3
-TIME_COLS = ("times.edit_s", "times.prepare_s")
+# Below these a value is shown as "< floor" in tables and not drawn in figures.
+FLOORS = {"peak_edit_mib": MEM_FLOOR_MIB, "peak_prepare_mib": MEM_FLOOR_MIB, "peak_prepare_fresh_mib": MEM_FLOOR_MIB,
+          "times.edit_s": TIME_FLOOR_S, "times.prepare_s": TIME_FLOOR_S, "prepare_fresh_s": TIME_FLOOR_S}
+MEM_COLS = ("peak_edit_mib", "peak_prepare_mib")
 
 
 # ---------------------------------------------------------------- data
@@ -375,14 +377,12 @@ def figures(ok: pd.DataFrame, out: Path) -> dict[tuple[str, str], list[tuple[Pat
         cost += [("prepare_fresh_s", "prepare phase, nothing reused (s, log scale)", "log"),
                  ("peak_edit_mib", f"peak memory, edit (MiB, {kinds})", "lin"),
                  ("peak_prepare_fresh_mib", f"peak memory, prepare, nothing reused (MiB, {kinds})", "lin")]
-        _panels(g.assign(peak_edit_mib=g["peak_edit_mib"].where(g["peak_edit_mib"] >= MEM_FLOOR_MIB),
-                         peak_prepare_fresh_mib=g["peak_prepare_fresh_mib"].where(
-                             g["peak_prepare_fresh_mib"] >= MEM_FLOOR_MIB),
-                         prepare_fresh_s=g["prepare_fresh_s"].where(g["prepare_fresh_s"] >= TIME_FLOOR_S)),
-                cost, f"{model} / {task}: cost vs number of edits\n({band}; {_context(g)})",
+        floored = g.assign(**{c: g[c].where(g[c] >= FLOORS[c]) for c in
+                              ("peak_edit_mib", "peak_prepare_fresh_mib", "prepare_fresh_s")})
+        _panels(floored, cost, f"{model} / {task}: cost vs number of edits\n({band}; {_context(g)})",
                 "meta-training = the time the hyper-network checkpoint took to train, also when a run reused it; "
                 "prepare phase = meta-training or statistics done by the run itself (runs that loaded them from "
-                "the cache, and phases under 1 ms, are not drawn); memory = peak above the phase's baseline "
+                f"the cache, and phases under {TIME_FLOOR_S * 1e3:g} ms, are not drawn); memory = peak above the phase's baseline "
                 "(cuda_max_allocated on GPU, sampled RSS on CPU; CPU peaks under "
                 f"{MEM_FLOOR_MIB:g} MiB are below what the sampler resolves and are not drawn).", p)
         files.append((p, f"Cost: edit time, meta-training time, prepare phase of runs that reused nothing and peak "
@@ -484,8 +484,7 @@ def comparison_rows(agg: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     header = ["variant"] + [PCT[c] + " %" if c in PCT else COST[c] for c in cols] + ["seeds", "runs"]
     rows = []
     for _, a in agg.sort_values("variant").iterrows():
-        cells = [f"< {MEM_FLOOR_MIB:g}" if c in MEM_COLS and a[f"{c}:mean"] < MEM_FLOOR_MIB else
-                 f"< {TIME_FLOOR_S:g}" if c in TIME_COLS and a[f"{c}:mean"] < TIME_FLOOR_S else
+        cells = [f"< {FLOORS[c]:g}" if c in FLOORS and a[f"{c}:mean"] < FLOORS[c] else
                  fmt_cell(a[f"{c}:mean"], a[f"{c}:std"], 100.0 if c in PCT else 1.0, 1 if c in PCT else 3)
                  for c in cols]
         rows.append([a["variant"], *cells, a["seeds"], str(a["n_runs"])])
