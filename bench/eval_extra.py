@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from bench.counterfact_scores import PairScores, answer_logprobs, answer_prob, rome_scores
-from bench.generation import generation_success
-from bench.metrics import Evaluation, combine, probes
+from bench.generation import generation_success, matches
+from bench.metrics import Evaluation, combine, evaluate, probes
 from bench.models import EditableModel
+from bench.prefix_eval import AnswerScores, score_prompts, supported
 from tasks.base import EditRequest
 
 GEN_KEYS = ("es_gen", "gs_gen", "ls_gen")
@@ -102,3 +103,70 @@ def extra_metrics(em: EditableModel, requests: Sequence[EditRequest], opts: Extr
     if opts.cf_scores and requests and all(r.target_true for r in requests):
         out.metrics.update(counterfact_scores(em, requests))
     return out
+
+
+def evaluate_all(em: EditableModel, requests: Sequence[EditRequest], opts: ExtraOptions) -> tuple[Evaluation, ExtraEval]:
+    """`bench.metrics.evaluate` and `extra_metrics` of one model state, each prompt run once where the model allows
+    (bench/prefix_eval.py); otherwise, or when a row would be truncated, the two separate passes."""
+    if supported(em):
+        shared = _evaluate_shared(em, requests, opts)
+        if shared is not None:
+            return shared
+    return evaluate(em, requests), extra_metrics(em, requests, opts)
+
+
+def _evaluate_shared(em: EditableModel, requests: Sequence[EditRequest],
+                     opts: ExtraOptions) -> tuple[Evaluation, ExtraEval] | None:
+    cf = opts.cf_scores and bool(requests) and all(r.target_true for r in requests)
+    es_case = list(range(len(requests)))
+    gs_case = [c for c, r in enumerate(requests) for _ in r.rephrases]
+    nb = [(p, c) for c, r in enumerate(requests) for p in (r.neighborhood_prompts or (r.locality_prompt,))]
+    ls_prompts = [r.locality_prompt for r in requests]
+    nb_on_ls = [p for p, _ in nb] == ls_prompts  # no separate neighbourhood prompts: score them with the LS probes
+    new = [r.target for r in requests]
+    true = [r.target_true or "" for r in requests]
+    ev, ex, pairs = Evaluation({}, []), ExtraEval(), {}
+    for key, (prompts, answers) in probes(requests).items():
+        if not prompts:
+            ev.metrics[key] = ev.metrics[f"{key}_seq"] = float("nan")
+            if opts.generation:
+                ex.metrics[f"{key}_gen"] = float("nan")
+            continue
+        case = {"es": es_case, "gs": gs_case, "ls": es_case}[key]
+        sets = [answers]
+        if cf and key in ("es", "gs"):  # their answer is target_new: one more set, target_true
+            sets.append([true[c] for c in case])
+        if cf and key == "ls" and nb_on_ls:
+            sets += [[new[c] for c in case], [true[c] for c in case]]
+        got = score_prompts(em, prompts, sets, answers if opts.generation else None)
+        if got is None:
+            return None
+        scores, texts = got
+        s = scores[0]
+        ev.metrics[key] = sum(s.acc) / len(s.acc)
+        ev.metrics[f"{key}_seq"] = sum(s.seq) / len(s.seq)
+        ev.hits[key] = s.acc
+        if key == "ls":
+            ev.loc_pred = s.pred
+        if texts is not None:
+            hits = [float(matches(t, a)) for t, a in zip(texts, answers, strict=True)]
+            ex.metrics[f"{key}_gen"] = sum(hits) / len(hits)
+            ex.continuations[key], ex.gen_hits[key] = texts, hits
+        if cf and key in ("es", "gs"):
+            pairs[key] = _pair(scores[0], scores[1], case)
+        if cf and key == "ls" and nb_on_ls:
+            pairs["nb"] = _pair(scores[1], scores[2], case)
+    if cf:
+        if "nb" not in pairs:
+            got = score_prompts(em, [p for p, _ in nb], [[new[c] for _, c in nb], [true[c] for _, c in nb]])
+            if got is None:
+                return None
+            pairs["nb"] = _pair(got[0][0], got[0][1], [c for _, c in nb])
+        ex.metrics.update(rome_scores(pairs["es"], pairs.get("gs"), pairs["nb"]))
+    return ev, ex
+
+
+def _pair(new: AnswerScores, true: AnswerScores, case: Sequence[int]) -> PairScores:
+    """CounterFact's P(new) and P(true) per prompt (official per-token mean) from two answer sets' log-probs."""
+    return PairScores(answer_prob(new.sum_logprob, new.n_tokens), answer_prob(true.sum_logprob, true.n_tokens),
+                      torch.tensor(list(case), dtype=torch.long))

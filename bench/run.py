@@ -24,10 +24,9 @@ import editors
 import tasks
 from bench.config import RunConfig, stable_hash
 from bench.download import DownloadError, full_data
-from bench.eval_extra import ExtraOptions, combine_all, extra_metrics
+from bench.eval_extra import ExtraOptions, combine_all, evaluate_all
 from bench.machine import cpu_env, cpu_model
 from bench.measure import measure, per_device_fields
-from bench.metrics import evaluate
 from bench.models import (
     DEVICE_MAP_STRATEGIES,
     DTYPES,
@@ -618,9 +617,9 @@ def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, lo
             edit = editor.edit(requests)
             edit.check_finite()
         with measure(devices) as ev:
-            pre, pre_x = evaluate(em, requests), extra_metrics(em, requests, opts)
+            pre, pre_x = evaluate_all(em, requests, opts)
             with edit.applied(em.model):
-                post, post_x = evaluate(em, requests), extra_metrics(em, requests, opts)
+                post, post_x = evaluate_all(em, requests, opts)
         metrics = combine_all(pre, post, pre_x, post_x)
         done.append({"metrics": metrics, "edit_s": ed.seconds, "eval_s": ev.seconds,
                      "peak_mem_edit_bytes": ed.peak_bytes, "mean_residual": edit.mean_residual,

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from bench.eval_extra import ExtraEval, ExtraOptions, combine_all, extra_metrics
+from bench.eval_extra import ExtraEval, ExtraOptions, combine_all, evaluate_all
 from bench.measure import PhaseStats, measure
-from bench.metrics import Evaluation, agreement, evaluate
+from bench.metrics import Evaluation, agreement
 from bench.models import EditableModel
 from bench.samples import sample_lines
 from editors.base import Edit, Editor, add_delta_
@@ -84,7 +84,7 @@ def edit_in_sequence(editor: Editor, em: EditableModel, batches: Sequence[Sequen
     everything = [r for b in batches for r in b]
     m1 = len(batches[0])
     with measure(devices) as pre_ev:
-        pre, pre_x = evaluate(em, everything), extra_metrics(em, everything, opts)
+        pre, pre_x = evaluate_all(em, everything, opts)
     kept = _Kept(em.model)
     steps: list[dict[str, Any]] = []
     measures: list[PhaseStats] = []
@@ -102,7 +102,7 @@ def edit_in_sequence(editor: Editor, em: EditableModel, batches: Sequence[Sequen
                 editor.remember(requests)
             done.extend(requests)
             with measure(devices) as ev:
-                post, post_x = evaluate(em, done), extra_metrics(em, done, opts)
+                post, post_x = evaluate_all(em, done, opts)
             n = len(done)
             metrics = dict(post.metrics)
             metrics["ls_agree"] = agreement(pre.loc_pred[:n], post.loc_pred)

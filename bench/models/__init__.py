@@ -305,6 +305,12 @@ class EditableModel:
         except ValueError as e:
             raise ValueError(f"unknown label in {list(names)}; model labels are {self.labels}") from e
 
+    def plain_head(self) -> nn.Module | None:
+        """The output head when logits are a plain projection of `model.base_model`'s last hidden state, else None."""
+        if type(self.model).__name__ not in _PLAIN_HEAD or not hasattr(self.model, "get_output_embeddings"):
+            return None
+        return self.model.get_output_embeddings()
+
     def answer_logits(self, batch: LMBatch) -> Tensor:
         """Logits (N, V) at the answer positions only (rows in `batch.answer_mask` order).
 
@@ -315,8 +321,8 @@ class EditableModel:
         """
         b = batch.to(self.device)
         mask = b.answer_mask
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        if type(self.model).__name__ not in _PLAIN_HEAD or head is None:
+        head = self.plain_head()
+        if head is None:
             return self.model(**b.model_inputs(), use_cache=False).logits[mask]
         hidden = self.model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                                        use_cache=False).last_hidden_state
