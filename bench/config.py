@@ -32,6 +32,7 @@ class RunConfig:
     batches: int | str = 1  # disjoint batches of n_edits, each edited from the unedited model; "all": every full one
     generation: bool = True  # es_gen / gs_gen / ls_gen: greedy decoding from the prompt (bench/eval_extra.py)
     cf_scores: bool = True  # CounterFact's probability scores where requests carry target_true
+    fluency: bool = False  # ROME's Generation Entropy where requests carry generation prompts (costly: opt-in)
     log_samples: bool = False  # per-probe records in <results>/samples/<run_id>.jsonl
     sequential: int = 0  # T >= 1: T batches of n_edits applied one after another without restoring (bench/sequential.py)
 

@@ -8,6 +8,8 @@ keys for the row plus the per-probe records that `--log-samples` writes:
 - `cf_es`, `cf_em`, `cf_ps`, `cf_pm`, `cf_ns`, `cf_nm`, `cf_score` (requests that carry `target_true`,
   i.e. CounterFact): ROME's probability comparisons (bench/counterfact_scores.py), the official
   per-token-mean probabilities.
+- `cf_fluency` (opt-in, `--fluency`; decoder-only LMs, requests that carry generation prompts): ROME's
+  Generation Entropy of top-k sampled continuations (bench/prefix_eval.py `sampled_texts`).
 
 Both are batched: one padded forward (teacher-forced) or one `generate` call per batch of prompts.
 """
@@ -20,11 +22,11 @@ from typing import Any
 
 import torch
 
-from bench.counterfact_scores import PairScores, answer_logprobs, answer_prob, rome_scores
+from bench.counterfact_scores import PairScores, answer_logprobs, answer_prob, generation_entropy, rome_scores
 from bench.generation import generation_success, matches
 from bench.metrics import Evaluation, combine, evaluate, probes
 from bench.models import EditableModel
-from bench.prefix_eval import AnswerScores, score_prompts, supported
+from bench.prefix_eval import AnswerScores, sampled_texts, score_prompts, supported
 from tasks.base import EditRequest
 
 GEN_KEYS = ("es_gen", "gs_gen", "ls_gen")
@@ -37,6 +39,7 @@ class ExtraOptions:
 
     generation: bool = True
     cf_scores: bool = True
+    fluency: bool = False  # ROME's Generation Entropy: 100 sampled tokens per generation prompt, so opt-in
 
 
 @dataclass
@@ -108,11 +111,11 @@ def extra_metrics(em: EditableModel, requests: Sequence[EditRequest], opts: Extr
 def evaluate_all(em: EditableModel, requests: Sequence[EditRequest], opts: ExtraOptions) -> tuple[Evaluation, ExtraEval]:
     """`bench.metrics.evaluate` and `extra_metrics` of one model state, each prompt run once where the model allows
     (bench/prefix_eval.py); otherwise, or when a row would be truncated, the two separate passes."""
-    if supported(em):
-        shared = _evaluate_shared(em, requests, opts)
-        if shared is not None:
-            return shared
-    return evaluate(em, requests), extra_metrics(em, requests, opts)
+    shared = _evaluate_shared(em, requests, opts) if supported(em) else None
+    ev, ex = shared if shared is not None else (evaluate(em, requests), extra_metrics(em, requests, opts))
+    if opts.fluency and supported(em) and requests and all(r.generation_prompts for r in requests):
+        ex.metrics["cf_fluency"] = generation_entropy(sampled_texts(em, [p for r in requests for p in r.generation_prompts]))
+    return ev, ex
 
 
 def _evaluate_shared(em: EditableModel, requests: Sequence[EditRequest],

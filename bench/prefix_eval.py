@@ -14,6 +14,7 @@ Decoder-only language models only; `fits` says when a call would need the prompt
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -158,6 +159,22 @@ class _Prefix:
             out.append(ids[: ids.index(eos)] if eos is not None and eos in ids else ids)
         return out
 
+    def sample(self, budgets: list[int], top_k: int, generator: torch.Generator) -> list[list[int]]:
+        """Top-k sampled token ids per prompt, `budgets[b]` long, not stopped at end-of-sequence (as ROME's)."""
+        n = max(budgets)
+        steps, mask, logits = [], self.mask, self.last
+        for t in range(n):
+            if t:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                hidden, _ = self._forward(steps[-1].unsqueeze(1), mask, (self.lengths + t - 1).unsqueeze(1), self.cache)
+                logits = self._logits(hidden[:, -1])
+            probs, idx = torch.softmax(logits.float(), -1).topk(top_k, -1)
+            pick = torch.multinomial((probs / probs.sum(-1, keepdim=True)).cpu(), 1, generator=generator)
+            steps.append(idx.gather(1, pick.to(idx.device)).squeeze(1))
+        self._rewind()
+        gen = torch.stack(steps, 1).cpu().tolist() if steps else [[] for _ in budgets]
+        return [gen[b][:budget] for b, budget in enumerate(budgets)]
+
 
 @torch.no_grad()
 def score_prompts(em: EditableModel, prompts: Sequence[str], answer_sets: Sequence[Sequence[str]],
@@ -193,3 +210,23 @@ def score_prompts(em: EditableModel, prompts: Sequence[str], answer_sets: Sequen
             slp[s][idx], ntok[s][idx] = lp.float().cpu(), nt.cpu()
     scores = [AnswerScores(acc[s], seq[s], pred[s], slp[s], ntok[s]) for s in range(len(answer_sets))]  # type: ignore[arg-type]
     return scores, texts
+
+
+@torch.no_grad()
+def sampled_texts(em: EditableModel, prompts: Sequence[str], max_out_len: int = 100, top_k: int = 5, seed: int = 0,
+                  batch_size: int = 64) -> list[str]:
+    """ROME's fluency generations: each prompt continued by top-k sampling to `max_out_len` tokens in all (prompt
+    included, capped at the model's `max_length`), decoded with the prompt; seeded, so both model states draw alike."""
+    tok = em.tokenizer
+    total = min(max_out_len, em.max_length)
+    ids = [tok(p, add_special_tokens=True)["input_ids"][-max(1, total - 1):] for p in prompts]
+    gen = torch.Generator().manual_seed(seed)
+    texts = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda j: len(ids[j]))
+    for i in range(0, len(prompts), batch_size):
+        idx = order[i : i + batch_size]
+        budgets = [total - len(ids[j]) for j in idx]
+        for j, new in zip(idx, _Prefix(em, [ids[j] for j in idx]).sample(budgets, top_k, gen), strict=True):
+            text = tok.decode(ids[j] + new, skip_special_tokens=True)
+            texts[j] = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+    return texts

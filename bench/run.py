@@ -214,9 +214,11 @@ def resolve(cfg: RunConfig, cache_dir: str | Path | None = None, progress: Any =
         config["batches"] = n_batches
     if cfg.sequential:  # likewise: rows without --sequential keep their hashes
         config["sequential"] = cfg.sequential
-    off = {k: False for k in ("generation", "cf_scores") if not getattr(cfg, k)}
-    if off:
-        config["eval"] = off
+    eval_opts: dict[str, bool] = {k: False for k in ("generation", "cf_scores") if not getattr(cfg, k)}
+    if cfg.fluency:  # off by default, so recorded only when on
+        eval_opts["fluency"] = True
+    if eval_opts:
+        config["eval"] = eval_opts
     config_hash, task_key = _content_hashes(config, model_is_folder=model_id is not None and Path(cfg.model).is_dir())
     notes = [n for n in [defaults_note(cfg.editor, cfg.model)] if n] + data_notes
     return Resolved(cfg, task, editor_cls, hparams, device, config, config_hash, task_key, notes)
@@ -600,7 +602,7 @@ def _run_phases(res: Resolved, em: EditableModel, cache: Path, progress: Any, lo
     devices = em.devices  # where the weights are: a device map may spread them over several GPUs
     with measure(devices) as prep:
         editor.prepare(train)
-    opts = ExtraOptions(generation=cfg.generation, cf_scores=cfg.cf_scores)
+    opts = ExtraOptions(generation=cfg.generation, cf_scores=cfg.cf_scores, fluency=cfg.fluency)
     if cfg.sequential:
         seq = edit_in_sequence(editor, em, res.task.sample_batches(cfg.n_edits, cfg.sequential, cfg.seed), opts,
                                devices, lambda: set_seed(cfg.seed), cfg.log_samples)

@@ -90,3 +90,32 @@ def test_shared_prefix_equals_separate_passes_on_smollm2_counterfact(smollm2):
     shared = _evaluate_shared(smollm2, reqs, ExtraOptions())
     assert shared is not None
     _assert_same(shared, _separate(smollm2, reqs, ExtraOptions()))
+
+
+def test_fluency_is_opt_in_seeded_and_rome_shaped(tiny_gpt2, synthetic_task):
+    """ROME's Generation Entropy: top-k samples to a fixed total length, prompt included; same seed, same texts."""
+    from bench.counterfact_scores import generation_entropy
+    from bench.prefix_eval import sampled_texts
+
+    reqs = [dataclasses.replace(r, generation_prompts=(r.prompt, r.locality_prompt)) for r in synthetic_task.sample(6, 4)]
+    prompts = [p for r in reqs for p in r.generation_prompts]
+    texts = sampled_texts(tiny_gpt2, prompts, max_out_len=24, seed=0, batch_size=5)
+    assert texts == sampled_texts(tiny_gpt2, prompts, max_out_len=24, seed=0, batch_size=5)
+    assert texts != sampled_texts(tiny_gpt2, prompts, max_out_len=24, seed=1, batch_size=5)
+    tok = tiny_gpt2.tokenizer
+    for p, t in zip(prompts, texts, strict=True):
+        assert t.startswith(p) and len(tok(t)["input_ids"]) > len(tok(p)["input_ids"])
+    assert "cf_fluency" not in evaluate_all(tiny_gpt2, reqs, ExtraOptions())[1].metrics
+    got = evaluate_all(tiny_gpt2, reqs, ExtraOptions(fluency=True))[1].metrics["cf_fluency"]
+    assert got == pytest.approx(generation_entropy(sampled_texts(tiny_gpt2, prompts)))
+    assert 0 < got < 20
+
+
+def test_fluency_enters_the_config_only_when_on(tiny_gpt2):
+    from bench.config import RunConfig
+    from bench.run import resolve
+
+    base = resolve(RunConfig(editor="ft", model="tiny-gpt2", task="synthetic", n_edits=16))
+    on = resolve(RunConfig(editor="ft", model="tiny-gpt2", task="synthetic", n_edits=16, fluency=True))
+    assert "eval" not in base.config and on.config["eval"] == {"fluency": True}
+    assert on.config_hash != base.config_hash

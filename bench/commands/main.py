@@ -13,7 +13,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench import config as C
-from bench.commands.options import BatchesOpt, CfScoresOpt, GenerationOpt, LogSamplesOpt, SequentialOpt
+from bench.commands.options import (
+    BatchesOpt,
+    CfScoresOpt,
+    FluencyOpt,
+    GenerationOpt,
+    LogSamplesOpt,
+    SequentialOpt,
+)
 from bench.console import console_log, err, fail, out, show_plans, stdout_to_stderr
 
 DEVICE_MAP_HELP = ("auto: accelerate spreads the model over the visible GPUs (balanced, sequential: its other "
@@ -88,6 +95,7 @@ def run(
     batches: BatchesOpt = "1",
     generation: GenerationOpt = True,
     cf_scores: CfScoresOpt = True,
+    fluency: FluencyOpt = False,
     log_samples: LogSamplesOpt = False,
     sequential: SequentialOpt = 0,
 ) -> None:
@@ -102,7 +110,7 @@ def run(
                           dtype=dtype, device_map=device_map,
                           overrides=C.parse_sets(set_), data=str(data) if data else None,
                           train_data=str(train_data) if train_data else None, skip_bad=skip_bad,
-                          batches=batches, generation=generation, cf_scores=cf_scores, log_samples=log_samples,
+                          batches=batches, generation=generation, cf_scores=cf_scores, fluency=fluency, log_samples=log_samples,
                           sequential=sequential)
         if dry_run:
             res = R.resolve(cfg, cache_dir if cache_dir is not None else results, progress_factory(err))

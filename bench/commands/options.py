@@ -12,6 +12,9 @@ GenerationOpt = Annotated[bool, typer.Option("--generation/--no-generation",
                                              help="es_gen/gs_gen/ls_gen: greedy decoding from the prompt")]
 CfScoresOpt = Annotated[bool, typer.Option("--cf-scores/--no-cf-scores",
                                            help="CounterFact's probability scores (records with target_true)")]
+FluencyOpt = Annotated[bool, typer.Option("--fluency/--no-fluency",
+                                          help="ROME's Generation Entropy (records with generation prompts; "
+                                               "100 sampled tokens each, so off by default)")]
 LogSamplesOpt = Annotated[bool, typer.Option(help="per-probe records in <results>/samples/<run_id>.jsonl")]
 SequentialOpt = Annotated[int, typer.Option(help="lifelong editing: T batches of --edits applied one after another "
                                                  "without restoring; the row stores ES/GS/LS after each (0: off)")]

@@ -28,7 +28,14 @@ from rich.progress import (
 from rich.table import Table
 
 from bench import config as C
-from bench.commands.options import BatchesOpt, CfScoresOpt, GenerationOpt, LogSamplesOpt, SequentialOpt
+from bench.commands.options import (
+    BatchesOpt,
+    CfScoresOpt,
+    FluencyOpt,
+    GenerationOpt,
+    LogSamplesOpt,
+    SequentialOpt,
+)
 from bench.progress import progress_factory
 from bench.store import ResultStore, StoreError, StoreWriteError, ensure_dir
 
@@ -311,6 +318,7 @@ def sweep(
     batches: BatchesOpt = "1",
     generation: GenerationOpt = True,
     cf_scores: CfScoresOpt = True,
+    fluency: FluencyOpt = False,
     log_samples: LogSamplesOpt = False,
     sequential: SequentialOpt = 0,
     json_: Annotated[bool, typer.Option("--json", help="with --dry-run: print only the plans as JSON on stdout")] = False,
@@ -325,7 +333,7 @@ def sweep(
                     model=model, task=task, device=device, overrides=C.parse_sets(set_),
                     data=str(data) if data else None, train_data=str(train_data) if train_data else None,
                     skip_bad=skip_bad, dtype=dtype, device_map=device_map,
-                          batches=batches, generation=generation, cf_scores=cf_scores, log_samples=log_samples,
+                          batches=batches, generation=generation, cf_scores=cf_scores, fluency=fluency, log_samples=log_samples,
                           sequential=sequential)
         if dry_run:
             resolved = [resolve(c) for c in cfgs]
