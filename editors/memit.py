@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from bench.metrics import relative_residual
-from bench.models import EditableModel, LMBatch
+from bench.models import EditableModel, LMBatch, StopForward
 from bench.progress import open_progress
 from editors.base import (
     Edit,
@@ -117,9 +117,6 @@ def kl_edited_from_original(logp_edited: Tensor, logp_original: Tensor) -> Tenso
     expectation is under the edited distribution."""
     return (logp_edited.exp() * (logp_edited - logp_original)).sum(-1)
 
-
-class _Stop(Exception):
-    """Raised by a hook once everything needed from a forward pass is captured."""
 
 
 # GPT-J's published w (kmeng01/memit hparams/MEMIT/EleutherAI_gpt-j-6B.json) at its edited layers'
@@ -295,7 +292,7 @@ class MEMIT(Editor):
         def grab(key: str, h: Tensor) -> None:
             got[key] = h[idx.to(h.device), pos.to(h.device)].detach().clone()  # device map: h's own device
             if len(got) == need:
-                raise _Stop
+                raise StopForward
 
         hooks = [em.module(n).register_forward_pre_hook(lambda _m, a, n=n: grab("in:" + n, a[0]))
                  for n in inputs_of]
@@ -304,7 +301,7 @@ class MEMIT(Editor):
         b = rows.batch.to(em.device)
         try:
             em.model(input_ids=b.input_ids, attention_mask=b.attention_mask)
-        except _Stop:
+        except StopForward:
             pass
         finally:
             for h in hooks:

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from bench.cachefs import check_entry, write_entry
-from bench.models import EditableModel
+from bench.models import EditableModel, StopForward
 from bench.progress import open_progress
 from tasks.base import DATA_DIR, read_records
 
@@ -165,9 +165,6 @@ def _save(entry: Path, mom2: Tensor, meta: dict[str, Any], expect: dict[str, Any
     write_entry(entry, fill, replace=_matching_meta(entry, expect) is None)
 
 
-class _Done(Exception):
-    """Raised by the last layer's hook: the rest of the forward pass (later blocks, LM head) is not needed."""
-
 
 @torch.no_grad()
 def compute_second_moments(em: EditableModel, layers: Sequence[str], texts: Sequence[str], batch_size: int,
@@ -191,7 +188,7 @@ def compute_second_moments(em: EditableModel, layers: Sequence[str], texts: Sequ
             sums[name] = sums[name] + xtx if name in sums else xtx
             seen.add(name)
             if lean and seen == wanted:
-                raise _Done
+                raise StopForward
 
         return fn
 
@@ -211,7 +208,7 @@ def compute_second_moments(em: EditableModel, layers: Sequence[str], texts: Sequ
                 seen.clear()
                 try:
                     em.model(input_ids=ids, attention_mask=attn)
-                except _Done:  # lean: the blocks after the last edited layer and the LM head are skipped
+                except StopForward:  # lean: the blocks after the last edited layer and the LM head are skipped
                     pass
                 if seen != wanted:
                     raise RuntimeError(f"the statistics pass never reached layer(s) {sorted(wanted - seen)}")

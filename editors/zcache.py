@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from bench.models import StopForward
+
 
 def _cache_kwarg(base: nn.Module) -> str:
     """The name transformers gives the cache argument (renamed from past_key_values to cache in 5.x)."""
@@ -104,9 +106,6 @@ def only_upper(base: nn.Module, up: UpperBlocks) -> Iterator[None]:
             hook.remove()
 
 
-class _Captured(Exception):
-    """Raised once the insertion block's output is read: the blocks after it are not needed."""
-
 
 @dataclass
 class _Group:
@@ -153,14 +152,14 @@ class PrefixCache:
 
         def grab(_m: nn.Module, _a: object, out: object) -> None:
             got.append((out[0] if isinstance(out, tuple) else out).detach())
-            raise _Captured
+            raise StopForward
 
         hook = self.upper.insert.register_forward_hook(grab)
         kwargs = {} if g.kv is None else {self._kw: self._new_cache([(k, v) for k, v in g.kv])}
         try:
             self.base(input_ids=self.ids[g.rows, g.start:g.end], attention_mask=self.attn[g.rows, :g.end],
                       use_cache=g.kv is not None, **kwargs)
-        except _Captured:
+        except StopForward:
             pass
         finally:
             hook.remove()

@@ -67,6 +67,10 @@ ARCH_VARIANTS: dict[str, Callable[[Any], str]] = {
 
 
 # Causal LMs whose logits are exactly output_head(base_model(...).last_hidden_state).
+class StopForward(Exception):
+    """Raised by a forward hook once it has read what it needs: the rest of the forward pass is skipped."""
+
+
 _PLAIN_HEAD = frozenset({"GPT2LMHeadModel", "LlamaForCausalLM", "GPTJForCausalLM", "MistralForCausalLM",
                          "Qwen2ForCausalLM", "GPTNeoXForCausalLM"})
 
