@@ -37,7 +37,7 @@ from torch import Tensor
 
 from bench.models import EditableModel
 from editors.base import register_editor
-from editors.memit import MEMIT, MEMITHparams, block_name
+from editors.memit import MEMIT, MEMITHparams
 from editors.solvers import SolveStats, require_finite, solve_spd
 from tasks.base import EditRequest
 
@@ -105,13 +105,10 @@ class AlphaEdit(MEMIT):
 
     def remember(self, requests: Sequence[EditRequest]) -> None:
         """Add this batch's keys, read on the model that now carries its edit, to K_p of every layer."""
-        layers = self.layer_names()
-        last_block = block_name(self.model, layers[-1])
         was_training = self.model.model.training
         self.model.model.eval()
         try:
-            for layer in layers:
-                k, _ = self.keys_and_hidden(requests, layer, last_block)
+            for layer, k in self.layer_keys(requests, self.layer_names()).items():
                 k = k.double()
                 self._kept[layer] = self._kept.get(layer, torch.zeros((), dtype=torch.float64)) + k.T @ k
         finally:

@@ -197,6 +197,11 @@ def encode_rows(em: EditableModel, prompts: Sequence[str], answers: Sequence[str
 
 
 @register_editor("memit")
+def _average_contexts(k: Tensor) -> Tensor:
+    """MEMIT's key of a request: the mean within each context type, then across types (bare; sampled prefixes)."""
+    return k[:, 0] if k.shape[1] == 1 else 0.5 * (k[:, 0] + k[:, 1:].mean(1))
+
+
 class MEMIT(Editor):
     """Locate-and-edit mass editing of the FFN output linears (MEMIT)."""
 
@@ -320,25 +325,32 @@ class MEMIT(Editor):
         return prompts, answers, ends
 
     @torch.no_grad()
-    def keys_and_hidden(self, requests: Sequence[EditRequest], layer: str, last_block: str) -> tuple[Tensor, Tensor]:
-        """Context-averaged keys of `layer` (m, d_in) and the bare-prompt output of `last_block` (m, d)."""
+    def _context_reads(self, requests: Sequence[EditRequest], inputs_of: Sequence[str],
+                       outputs_of: Sequence[str]) -> dict[str, Tensor]:
+        """Module inputs/outputs at the subject token of every context row, (m, n_ctx, d) each, float32."""
         hp = self.hparams
         prompts, answers, ends = self._context_rows(requests)
         n_ctx = len(self._contexts or [""])
-        ks, hs = [], []
+        parts: dict[str, list[Tensor]] = {}
         step = max(n_ctx, hp.batch_size // n_ctx * n_ctx)  # whole requests per chunk
         for s in range(0, len(prompts), step):
             rows = encode_rows(self.model, prompts[s : s + step], answers[s : s + step], ends[s : s + step])
-            got = self._capture(rows, [layer], [last_block])
-            ks.append(got["in:" + layer])
-            hs.append(got["out:" + last_block])
+            for key, got in self._capture(rows, inputs_of, outputs_of).items():
+                parts.setdefault(key, []).append(got)
         # float32 before averaging whatever the LM's dtype (bfloat16 keeps 8 bits of mantissa)
         # (and on the first device: a device map puts the layers elsewhere)
-        k = full_precision(torch.cat(ks)).to(self.model.device).view(len(requests), n_ctx, -1)
-        h = full_precision(torch.cat(hs)).to(self.model.device).view(len(requests), n_ctx, -1)[:, 0]
-        # MEMIT averages within each context type, then across types (bare; sampled prefixes).
-        k = k[:, 0] if n_ctx == 1 else 0.5 * (k[:, 0] + k[:, 1:].mean(1))
-        return k, h
+        return {key: full_precision(torch.cat(got)).to(self.model.device).view(len(requests), n_ctx, -1)
+                for key, got in parts.items()}
+
+    def keys_and_hidden(self, requests: Sequence[EditRequest], layer: str, last_block: str) -> tuple[Tensor, Tensor]:
+        """Context-averaged keys of `layer` (m, d_in) and the bare-prompt output of `last_block` (m, d)."""
+        got = self._context_reads(requests, [layer], [last_block])
+        return _average_contexts(got["in:" + layer]), got["out:" + last_block][:, 0]
+
+    def layer_keys(self, requests: Sequence[EditRequest], layers: Sequence[str]) -> dict[str, Tensor]:
+        """Context-averaged keys of several layers, read in one forward per chunk from the model as it is now."""
+        got = self._context_reads(requests, layers, [])
+        return {layer: _average_contexts(got["in:" + layer]) for layer in layers}
 
     # -- target values -------------------------------------------------------------------------
     def target_values(self, requests: Sequence[EditRequest], last_block: str) -> tuple[Tensor, dict[str, float]]:
