@@ -196,12 +196,12 @@ def encode_rows(em: EditableModel, prompts: Sequence[str], answers: Sequence[str
     return Rows(batch, pos.clamp_min(0))
 
 
-@register_editor("memit")
 def _average_contexts(k: Tensor) -> Tensor:
     """MEMIT's key of a request: the mean within each context type, then across types (bare; sampled prefixes)."""
     return k[:, 0] if k.shape[1] == 1 else 0.5 * (k[:, 0] + k[:, 1:].mean(1))
 
 
+@register_editor("memit")
 class MEMIT(Editor):
     """Locate-and-edit mass editing of the FFN output linears (MEMIT)."""
 

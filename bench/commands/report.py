@@ -337,11 +337,15 @@ def _context(g: pd.DataFrame) -> str:
 
 
 def figures(ok: pd.DataFrame, out: Path) -> dict[tuple[str, str], list[tuple[Path, str]]]:
-    """Scaling, cost and residual figures per (model, task); returns their paths and captions."""
+    """Scaling, cost and residual figures per (model, task), of the variants measured at two or more m."""
     made: dict[tuple[str, str], list[tuple[Path, str]]] = {}
     sns.set_theme(style="whitegrid", context="notebook", font_scale=0.85)
     for (model, task), g in ok.groupby(["model", "task"]):
-        g = g.copy()
+        made[(model, task)] = []
+        # a variant measured at one m (an ablation, a single comparison) is a point, not a curve: it is in the tables
+        g = g[g.groupby("variant")["n_edits"].transform("nunique") >= 2].copy()
+        if g.empty:
+            continue
         for c in dict.fromkeys([*PCT, *(k.replace("metrics.", "metrics.pre_", 1) for k in PCT if "pre_" not in k)]):
             if c in g:
                 g[c] = 100 * pd.to_numeric(g[c], errors="coerce")
@@ -356,7 +360,7 @@ def figures(ok: pd.DataFrame, out: Path) -> dict[tuple[str, str], list[tuple[Pat
                 "(LS against gold answers). LS agree: unrelated tokens whose argmax is unchanged by the edit. "
                 "Grey dashed: the unedited model on the same probes.", p)
         files.append((p, f"Scaling: ES, GS, LS (gold) and LS agree against m on {model} / {task} ({_context(g)}); "
-                         "grey dashed: pre-edit."))
+                         "grey dashed: pre-edit; variants measured at one m only are in the tables."))
         ext = [(c, lab, "pct") for c, lab in (("metrics.es_gen", "ES gen: greedy decoding (%)"),
                                               ("metrics.gs_gen", "GS gen: greedy decoding (%)"),
                                               ("metrics.ls_gen", "LS gen: greedy decoding (%)"),
@@ -607,6 +611,8 @@ def write_report(results_dir: str | Path, out: str | Path = "reports") -> dict[s
             for path, caption in figs[(model, task)]:
                 doc.img(path, caption)
                 doc.p(caption)
+            if not figs[(model, task)]:
+                doc.p("Every variant here is measured at one m only: no curves, the tables below.")
             for m, a in agg[(agg["model"] == model) & (agg["task"] == task)].groupby("n_edits"):
                 doc.h(3, f"Editor comparison: {model} / {task}, m = {m}")
                 doc.table(*comparison_rows(a))
