@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -50,3 +52,25 @@ def test_memory_and_time_below_their_floor_are_not_printed_as_numbers():
     assert [r[i] for r in rows] == [f"< {MEM_FLOOR_MIB:g}", "300.000"]
     j = header.index("prepare s")  # a phase that did nothing reads the clock's overhead
     assert [r[j] for r in rows] == [f"< {TIME_FLOOR_S:g}", "12.500"]
+
+
+def test_ablation_table_holds_malmen_and_its_table_1_flags_only():
+    """A MALMEN variant with another setting (train_edits) is not an ablation; a model with MALMEN alone gets no columns."""
+    import json
+
+    import pandas as pd
+
+    from bench.commands.report import Doc, ablation_tables
+
+    def cell(diff, model="m1", es=0.9):
+        return {"model": model, "task": "t", "editor": "malmen", "variant": json.dumps(diff), "variant_key": "",
+                "variant_diff": json.dumps(diff), "data_id": "d", "n_edits": 32, "n_runs": 3, "seeds": "0,1,2",
+                **{f"metrics.{k}:{s}": (es if s == "mean" else 0.01) for k in ("es", "gs", "ls") for s in ("mean", "std")}}
+
+    agg = pd.DataFrame([cell({}), cell({"shift": "sum"}, es=0.5), cell({"train_edits": 32}), cell({}, model="m2")])
+    doc = Doc()
+    recs = ablation_tables(agg, doc)
+    assert sorted(recs["variant"]) == ["MALMEN", "Sum param. shifts (shift=sum)"]
+    assert set(recs["model"]) == {"m1"}
+    text = doc.markdown(Path("."))
+    assert "train_edits" not in text and "m2" not in text

@@ -67,6 +67,7 @@ ABLATIONS = {
     "layers=first_fc": "Edit first FC in FFN",
     "cache=all": "Cache all tokens",
 }
+ABLATION_KEYS = {flag.split("=")[0] for flag in ABLATIONS}
 PCT = {"metrics.pre_es": "pre ES", "metrics.es": "ES", "metrics.gs": "GS", "metrics.pre_ls": "pre LS",
        "metrics.ls": "LS", "metrics.ls_agree": "LS agree", "metrics.es_seq": "ES seq", "metrics.gs_seq": "GS seq",
        # the extended evaluation (bench/eval_extra.py); columns appear only where rows have them
@@ -523,14 +524,19 @@ def ablation_tables(agg: pd.DataFrame, doc: Doc) -> pd.DataFrame:
         return pd.DataFrame()
     recs = []
     for m, g in mal.groupby("n_edits"):
-        if g["variant_diff"].nunique() < 2:  # MALMEN alone at this m: nothing ablated, no table
-            continue
-        groups = sorted({(t, mo) for t, mo in zip(g["task"], g["model"], strict=True)})
-        header = ["variant"] + [f"{t} / {mo}: {x} %" for t, mo in groups for x in ("ES", "GS", "LS")] + ["seeds", "runs"]
         diffs = {d: json.loads(d) for d in g["variant_diff"].unique()}
         base = common_settings(list(diffs.values()))
         own = {d: {k: v for k, v in diff.items() if k not in base} for d, diff in diffs.items()}
-        order = sorted(diffs, key=lambda d: (not own[d], ablation_name(own[d])))  # MALMEN last, as in the paper
+        # only MALMEN and its Table-1 flags: another setting (e.g. train_edits) is a variant, not an ablation
+        own = {d: o for d, o in own.items() if set(o) <= ABLATION_KEYS}
+        if len(own) < 2:  # MALMEN alone at this m: nothing ablated, no table
+            continue
+        g = g[g["variant_diff"].isin(list(own))]
+        # a (task, model) with MALMEN alone has nothing ablated: no columns of dashes
+        g = g[g.groupby(["task", "model"])["variant_diff"].transform("nunique") >= 2]
+        groups = sorted({(t, mo) for t, mo in zip(g["task"], g["model"], strict=True)})
+        header = ["variant"] + [f"{t} / {mo}: {x} %" for t, mo in groups for x in ("ES", "GS", "LS")] + ["seeds", "runs"]
+        order = sorted(own, key=lambda d: (not own[d], ablation_name(own[d])))  # MALMEN last, as in the paper
         rows = []
         for d in order:
             name = ablation_name(own[d])
