@@ -414,8 +414,13 @@ class MEMIT(Editor):
                 state["h0"] = full_precision(self._capture(rows, [], [last_block])["out:" + last_block][:n_rw:n_ctx]).to(dev)
                 # and, where the blocks are one ModuleList, the last edited block's output over each suffix:
                 # a step then runs only the blocks after it
+                # outputs are read at the answer positions of rewriting rows and the subject token of KL
+                # rows, so neither the last answer token nor a KL row's tail is run
+                cols = torch.arange(labels.shape[1], device=dev)
+                ends = pos + 1
+                ends[:n_rw] = torch.maximum(ends[:n_rw], torch.where(labels != -100, cols, -1).amax(-1) + 1)
                 prefix = PrefixCache(base, b.input_ids, b.attention_mask, pos,
-                                     upper=upper_blocks(base, em.module(last_block)))
+                                     upper=upper_blocks(base, em.module(last_block)), ends=ends)
 
         def inject(h: Tensor, rows_now: Tensor, offset: int) -> Tensor:
             """δ added to the cached output of the last edited block (rows `rows_now`, first position `offset`)."""

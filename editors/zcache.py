@@ -120,13 +120,15 @@ class PrefixCache:
     """Run a causal LM repeatedly over positions >= split[row] of a fixed batch, the prefix cached once."""
 
     def __init__(self, base: nn.Module, input_ids: Tensor, attention_mask: Tensor, split: Tensor,
-                 max_groups: int = 8, upper: UpperBlocks | None = None):
+                 max_groups: int = 8, upper: UpperBlocks | None = None, ends: Tensor | None = None):
         from transformers import DynamicCache
 
         self.base, self.ids, self.attn, self.upper = base, input_ids, attention_mask, upper
         self._kw = _cache_kwarg(base)
         self._new_cache = DynamicCache
-        lengths = attention_mask.sum(-1)
+        # a row is run up to the last position whose output is read (`ends`, exclusive): causal attention
+        # means later tokens change nothing before them
+        lengths = attention_mask.sum(-1) if ends is None else torch.minimum(ends, attention_mask.sum(-1))
         self.groups: list[_Group] = []
         with torch.no_grad():
             for rows in group_by_split(split.cpu(), lengths.cpu(), max_groups):
