@@ -371,8 +371,9 @@ def figures(ok: pd.DataFrame, out: Path) -> dict[tuple[str, str], list[tuple[Pat
             p = out / "figures" / f"generation_{_slug(model, task)}.png"
             _panels(g, ext, f"{model} / {task}: generation-based success vs number of edits\n({band}; {_context(g)})",
                     "gen: greedy continuation of the prompt alone begins with the answer (normalised), no teacher "
-                    "forcing. CounterFact Score: harmonic mean of ROME's Efficacy, Paraphrase and Neighborhood "
-                    "Scores. Grey dashed: the unedited model.", p)
+                    "forcing. " + ("CounterFact Score: harmonic mean of ROME's Efficacy, Paraphrase and Neighborhood "
+                                   "Scores. " if any(c == "metrics.cf_score" for c, _, _ in ext) else "")
+                    + "Grey dashed: the unedited model.", p)
             files.append((p, f"Generation-based success (and CounterFact Score) against m on {model} / {task}."))
         kinds = ",".join(sorted(str(k) for k in g["mem_kind"].dropna().unique())) or "?"
         p = out / "figures" / f"cost_{_slug(model, task)}.png"
