@@ -23,7 +23,7 @@ from torch import Tensor
 
 from bench.counterfact_scores import answer_logprobs
 from bench.metrics import answer_token_hits
-from bench.models import EditableModel
+from bench.models import EditableModel, cache_kwarg
 from tasks.base import answer_text
 
 
@@ -87,6 +87,8 @@ class _Prefix:
 
     def __init__(self, em: EditableModel, prompts: list[list[int]]) -> None:
         self.em, self.head = em, em.plain_head()
+        self.net = em.model if self.head is None else em.model.base_model  # base_model: the head runs where scored
+        self.kw = cache_kwarg(self.net)
         B, P = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((B, P), _pad_id(em), dtype=torch.long)
         mask = torch.zeros((B, P), dtype=torch.long)
@@ -101,12 +103,10 @@ class _Prefix:
         self.last = self._logits(out[0][:, -1])  # (B, V): the logits that predict each prompt's first answer token
 
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache) -> tuple[Tensor, object]:
-        kw = dict(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-        if self.head is None:
-            out = self.em.model(**kw)
-            return out.logits, out.cache
-        out = self.em.model.base_model(**kw)
-        return out.last_hidden_state, out.cache
+        kw = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True, self.kw: cache}
+        out = self.net(**kw)
+        new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return (out.logits if self.head is None else out.last_hidden_state), new_cache
 
     def _rewind(self) -> None:
         """Drop what answers or greedy steps appended: the cache holds the prompts again."""

@@ -21,20 +21,13 @@ shape sums in another order); tests/test_memit.py compares the resulting z with 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from bench.models import StopForward
-
-
-def _cache_kwarg(base: nn.Module) -> str:
-    """The name transformers gives the cache argument (renamed from past_key_values to cache in 5.x)."""
-    params = inspect.signature(base.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+from bench.models import StopForward, cache_kwarg
 
 
 def _layers_kv(cache: object) -> list[tuple[Tensor, Tensor]]:
@@ -124,7 +117,7 @@ class PrefixCache:
         from transformers import DynamicCache
 
         self.base, self.ids, self.attn, self.upper = base, input_ids, attention_mask, upper
-        self._kw = _cache_kwarg(base)
+        self._kw = cache_kwarg(base)
         self._new_cache = DynamicCache
         # a row is run up to the last position whose output is read (`ends`, exclusive): causal attention
         # means later tokens change nothing before them

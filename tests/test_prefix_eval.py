@@ -119,3 +119,11 @@ def test_fluency_enters_the_config_only_when_on(tiny_gpt2):
     on = resolve(RunConfig(editor="ft", model="tiny-gpt2", task="synthetic", n_edits=16, fluency=True))
     assert "eval" not in base.config and on.config["eval"] == {"fluency": True}
     assert on.config_hash != base.config_hash
+
+
+def test_models_without_a_plain_head_use_the_full_forward(tiny_gpt2, synthetic_task, monkeypatch):
+    reqs = _counterfact_like(synthetic_task.sample(10, seed=6), False)
+    monkeypatch.setattr(type(tiny_gpt2), "plain_head", lambda self: None)
+    shared = _evaluate_shared(tiny_gpt2, reqs, ExtraOptions())
+    assert shared is not None
+    _assert_same(shared, _separate(tiny_gpt2, reqs, ExtraOptions()))

@@ -67,6 +67,13 @@ ARCH_VARIANTS: dict[str, Callable[[Any], str]] = {
 
 
 # Causal LMs whose logits are exactly output_head(base_model(...).last_hidden_state).
+def cache_kwarg(module: nn.Module) -> str:
+    """The name transformers gives a forward's key/value cache argument (renamed from past_key_values to cache in 5.x)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 class StopForward(Exception):
     """Raised by a forward hook once it has read what it needs: the rest of the forward pass is skipped."""
 
