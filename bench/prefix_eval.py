@@ -2,11 +2,12 @@
 
 A model state's evaluation asks three things of the same prompt: the teacher-forced token hits of
 its answer, CounterFact's probabilities of two answers (target_new and target_true), and a greedy
-continuation. Run as separate padded forwards, the prompt (most of every sequence: zsRE and
-CounterFact answers are one to three tokens) is computed once per question. Here each batch of
-prompts is run once, left-padded with explicit positions, and every answer and the greedy decode
-continue from its key/value cache (cropped back to the prompt in between). It is the same causal computation, so the scores equal the separate passes to float
-rounding (tests/test_prefix_eval.py); the output head is applied only where a token is scored.
+continuation. As separate padded forwards, each of them recomputes the prompt, which is most of every
+sequence (zsRE and CounterFact answers are one to three tokens). Here each batch of prompts is run
+once, left-padded with explicit positions, and every answer and the greedy decode continue from its
+key/value cache (cropped back to the prompt in between). It is the same causal computation, so the
+scores equal the separate passes to float rounding (tests/test_prefix_eval.py); the output head is
+applied only where a token is scored.
 
 Decoder-only language models only; `fits` says when a call would need the prompt truncation of
 `EditableModel.encode` (prompt + answer beyond `max_length`), and then callers use the separate passes.
@@ -102,7 +103,7 @@ class _Prefix:
         self.cache = out[1]
         self.last = self._logits(out[0][:, -1])  # (B, V): the logits that predict each prompt's first answer token
 
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache) -> tuple[Tensor, object]:
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: object | None) -> tuple[Tensor, object]:
         kw = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True, self.kw: cache}
         out = self.net(**kw)
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
