@@ -43,7 +43,7 @@ def greedy_continuations(em: EditableModel, prompts: Sequence[str], answers: Seq
                          batch_size: int = 32) -> list[str]:
     """Greedy continuation of each prompt, `len(answer tokens) + margin` tokens long, batched and left-padded."""
     tok = em.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = em.pad_id
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
         ps, ans = prompts[i : i + batch_size], answers[i : i + batch_size]

@@ -78,11 +78,6 @@ def fits(em: EditableModel, enc: _Encoded) -> bool:
     return True
 
 
-def _pad_id(em: EditableModel) -> int:
-    tok = em.tokenizer
-    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-
 class _Prefix:
     """One batch of left-padded prompts run once; answers and greedy steps continue its cache."""
 
@@ -91,7 +86,7 @@ class _Prefix:
         self.net = em.model if self.head is None else em.model.base_model  # base_model: the head runs where scored
         self.kw = cache_kwarg(self.net)
         B, P = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, P), _pad_id(em), dtype=torch.long)
+        ids = torch.full((B, P), em.pad_id, dtype=torch.long)
         mask = torch.zeros((B, P), dtype=torch.long)
         for b, p in enumerate(prompts):  # left padding: every prompt ends at column P - 1
             ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
@@ -121,7 +116,7 @@ class _Prefix:
     def score(self, answers: list[list[int]]) -> tuple[Tensor, Tensor]:
         """(logits (B, A, V), labels (B, A)): logits[:, t] scores answer token t (-100 labels on padding)."""
         B, A = len(answers), max(len(a) for a in answers)
-        ids = torch.full((B, A), _pad_id(self.em), dtype=torch.long)
+        ids = torch.full((B, A), self.em.pad_id, dtype=torch.long)
         labels = torch.full((B, A), -100, dtype=torch.long)
         amask = torch.zeros((B, A), dtype=torch.long)
         for b, a in enumerate(answers):

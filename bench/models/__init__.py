@@ -228,12 +228,18 @@ class EditableModel:
         return int(in_f), int(out_f)
 
     # -- tokenisation -----------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        """The token a decoder-only batch is padded with: the tokenizer's pad, else its end-of-sequence, else 0."""
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
     def encode(self, prompts: Sequence[str], answers: Sequence[str]) -> LMBatch:
         """Tokenise prompt+answer pairs, right-padded; only answer tokens carry labels."""
         if self.is_seq2seq:
             return self._encode_seq2seq(prompts, answers)
         tok = self.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        pad_id = self.pad_id
         rows: list[tuple[list[int], int]] = []
         for p, a in zip(prompts, answers, strict=True):
             p_ids = tok(p, add_special_tokens=True)["input_ids"]
