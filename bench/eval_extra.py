@@ -11,7 +11,9 @@ keys for the row plus the per-probe records that `--log-samples` writes:
 - `cf_fluency` (opt-in, `--fluency`; decoder-only LMs, requests that carry generation prompts): ROME's
   Generation Entropy of top-k sampled continuations (bench/prefix_eval.py `sampled_texts`).
 
-Both are batched: one padded forward (teacher-forced) or one `generate` call per batch of prompts.
+`evaluate_all` (what runs use) computes them with the teacher-forced metrics from one pass per batch of
+prompts (bench/prefix_eval.py); `extra_metrics` is the separate-pass path (one padded forward or one
+`generate` call per batch), kept for encoder-decoders and over-long rows.
 """
 
 from __future__ import annotations
