@@ -394,7 +394,7 @@ class MEMIT(Editor):
         labels = b.labels[:n_rw]
         tok_r, tok_t = (labels != -100).nonzero(as_tuple=True)  # rewriting rows' answer positions
         tok_y = labels[tok_r, tok_t]
-        n_tok = torch.zeros(n_rw, device=dev).index_add_(0, tok_r, torch.ones_like(tok_r, dtype=torch.float))
+        n_tok = torch.zeros(n_rw, device=dev).index_add_(0, tok_r, torch.ones(tok_r.shape, device=dev))
         kl_rows = torch.arange(n_rw, len(prompts), device=dev)
         kl_own = torch.tensor(kl_owner, device=dev, dtype=torch.long)
 
@@ -422,10 +422,11 @@ class MEMIT(Editor):
                 prefix = PrefixCache(base, b.input_ids, b.attention_mask, pos,
                                      upper=upper_blocks(base, em.module(last_block)), ends=ends)
 
-        def inject(h: Tensor, rows_now: Tensor, offset: int) -> Tensor:
-            """δ added to the cached output of the last edited block (rows `rows_now`, first position `offset`)."""
-            at = (torch.arange(rows_now.numel(), device=h.device), (pos[rows_now] - offset).to(h.device))
-            return h.index_put(at, delta[row_owner[rows_now]].to(device=h.device, dtype=h.dtype), accumulate=True)
+        def inject(h: Tensor, rows_now: Tensor) -> Tensor:
+            """δ added to the cached output of the last edited block over `rows_now`'s suffixes (column 0: the subject token)."""
+            add = torch.zeros_like(h)
+            add[:, 0] = delta[row_owner[rows_now]].to(device=h.device, dtype=h.dtype)
+            return h + add
 
         def add_delta(_mod: torch.nn.Module, _args: Any, out: Any) -> Any:
             h = _first_output(out)
@@ -434,11 +435,8 @@ class MEMIT(Editor):
                 state["h0"] = full_precision(h[at0].detach().clone()).to(dev)
             # δ stays float32 (Adam's state with it); what enters the stream is cast to the block's
             # dtype and device (a device map may put the block on another GPU than δ)
-            if prefix is not None and prefix.rows_now is not None:  # a step over one group's suffix
-                rows_now = prefix.rows_now
-                at = (torch.arange(rows_now.numel(), device=dev), pos[rows_now] - prefix.offset)
-                add = delta[row_owner[rows_now]].to(device=h.device, dtype=h.dtype)
-                return _replace_output(out, h.index_put(tuple(i.to(h.device) for i in at), add, accumulate=True))
+            if prefix is not None and prefix.rows_now is not None:  # a step over one group's suffixes
+                return _replace_output(out, inject(h, prefix.rows_now))
             add = delta[row_owner].to(device=h.device, dtype=h.dtype)
             h = h.index_put((ridx.to(h.device), pos.to(h.device)), add, accumulate=True)
             return _replace_output(out, h)
@@ -460,13 +458,13 @@ class MEMIT(Editor):
                     hid = prefix.run((~done)[row_owner], d, inject)
                 hid = hid.to(dev)  # a device map leaves the last block's output on the last GPU
                 # Logits only where needed: answer positions of rewriting rows, subject token of KL rows.
-                logp = torch.log_softmax(head(hid[tok_r, tok_t]).float(), -1)
+                logp = torch.log_softmax(full_precision(head(hid[tok_r, tok_t])), -1)
                 tok_nll = -logp.gather(1, tok_y[:, None]).squeeze(1)
                 row_nll = torch.zeros(n_rw, device=dev).index_add(0, tok_r, tok_nll) / n_tok
                 nll = torch.zeros(m, device=dev).index_add(0, row_owner[:n_rw], row_nll) / n_ctx
                 kl = torch.zeros(m, device=dev)
                 if len(kl_owner):
-                    kl_logp = torch.log_softmax(head(hid[kl_rows, pos[kl_rows]]).float(), -1)
+                    kl_logp = torch.log_softmax(full_precision(head(hid[kl_rows, pos[kl_rows]])), -1)
                     if kl_init is None:
                         kl_init = kl_logp.detach()
                     kl_row = kl_edited_from_original(kl_logp, kl_init)

@@ -3,20 +3,21 @@
 MEMIT adds δ to the residual stream at one token (the subject's last, position p of a row) at the
 output of one block. Causal attention means no token before p depends on δ, so the keys and values
 of positions < p, in every layer, are the same at every Adam step. `PrefixCache` computes them once
-(no grad) and each step runs the model only over positions >= p, attending to the cached prefix;
-rows whose request already stopped are left out of the step. Rows are grouped by p (at most
-`max_groups` groups, chosen by a small dynamic programme over the rows sorted by p, minimising the
-tokens run per step) because one cache holds one prefix length.
+(no grad) and each step runs the model only over each row's suffix, its positions p up to the last
+one whose output is read, attending to the cached prefix; rows whose request already stopped are
+left out of the step. The suffixes are aligned at p (column 0 of every step): the prefixes sit
+left-padded in the cache and every token is given its position in the row, so rows with different
+p share one forward. Rows are grouped by suffix length (at most `max_groups` groups, chosen by a
+small dynamic programme minimising the columns run per step).
 
 The blocks up to the one δ is added at do not depend on δ either, at any position: with
 `UpperBlocks` (found for models whose blocks sit in one ModuleList of the base model: GPT-2, GPT-J,
-Llama-style) that block's output over each group's suffix is also computed once, and a step runs
+Llama-style) that block's output over each group's suffixes is also computed once, and a step runs
 only the blocks after it, fed that output plus δ as `inputs_embeds` (an absolute position embedding,
 GPT-2's `wpe`, is zeroed during the step: the cached output already carries it).
 
 Exact: the hidden states equal those of the full forward up to float rounding (a different batch
-shape sums in another order); tests/test_memit.py compares the resulting z with the full path.
-"""
+shape sums in another order); tests/test_memit.py compares the resulting z with the full path."""
 
 from __future__ import annotations
 
@@ -37,29 +38,32 @@ def _layers_kv(cache: object) -> list[tuple[Tensor, Tensor]]:
     return [(k, v) for k, v in cache]  # legacy tuple of (k, v) per layer
 
 
-def group_by_split(split: Tensor, length: Tensor, max_groups: int) -> list[Tensor]:
-    """Rows sorted by split, cut into <= max_groups contiguous groups minimising Σ_g |g| · (max len − min split)."""
-    order = torch.argsort(split, stable=True)
-    s, ln = split[order].tolist(), length[order].tolist()
-    n = len(s)
+def group_by_length(length: Tensor, max_groups: int) -> list[Tensor]:
+    """Rows sorted by length, cut into <= max_groups contiguous groups minimising Σ_g |g| · (longest in g)."""
+    order = torch.argsort(length, stable=True)
+    values, counts = torch.unique_consecutive(length[order], return_counts=True)
+    # rows of equal length never need to be apart: the programme runs over the distinct lengths
+    v, c = values.tolist(), counts.tolist()
+    n = len(v)
     inf = float("inf")
-    # cost(i, j): rows i..j-1 in one group; best[g][j]: the first j rows in g groups
+    # best[g][j]: the first j distinct lengths in g groups; a group's cost is its rows times its longest
     best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
     cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
     best[0][0] = 0.0
     for g in range(1, max_groups + 1):
         for j in range(1, n + 1):
-            longest = 0
+            rows = 0
             for i in range(j - 1, -1, -1):  # extend the last group leftwards
-                longest = max(longest, ln[i])
-                c = best[g - 1][i] + (j - i) * (longest - s[i])
-                if c < best[g][j]:
-                    best[g][j], cut[g][j] = c, i
+                rows += c[i]
+                cost = best[g - 1][i] + rows * v[j - 1]
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
     g = min(range(1, max_groups + 1), key=lambda k: best[k][n])
+    bounds = [0, *torch.tensor(c).cumsum(0).tolist()]
     groups, j = [], n
     while g > 0 and j > 0:
         i = cut[g][j]
-        groups.append(order[i:j])
+        groups.append(order[bounds[i]:bounds[j]])
         j, g = i, g - 1
     return groups[::-1]
 
@@ -102,43 +106,69 @@ def only_upper(base: nn.Module, up: UpperBlocks) -> Iterator[None]:
 
 @dataclass
 class _Group:
-    rows: Tensor  # global row indices, sorted by split
-    start: int  # first position run at each step (the group's smallest split)
-    end: int  # one past the group's longest row
-    kv: list[tuple[Tensor, Tensor]] | None  # per layer prefix keys/values (None when start == 0)
-    h_in: Tensor | None = None  # with UpperBlocks: the insertion block's output over [start, end)
+    rows: Tensor  # global row indices
+    ids: Tensor  # (|g|, S) each row's tokens from its split on (right-padded to the group's longest suffix)
+    positions: Tensor  # (|g|, S) their positions in the row
+    valid: Tensor  # (|g|, S) True up to each row's end (later columns are run but never read)
+    mask: Tensor  # (|g|, P + S) the left-padded prefix's mask, then ones
+    kv: list[tuple[Tensor, Tensor]] | None  # per layer prefix keys/values (None when no row has a prefix)
+    h_in: Tensor | None = None  # with UpperBlocks: the insertion block's output over the suffix
 
 
 class PrefixCache:
-    """Run a causal LM repeatedly over positions >= split[row] of a fixed batch, the prefix cached once."""
+    """Run a causal LM repeatedly over positions >= split[row] of a fixed batch, the prefix cached once.
+
+    Each row's suffix (its tokens from `split` up to `ends`, exclusive) starts at column 0 of a step:
+    the prefixes are left-padded in the cache and every token gets its position in the row explicitly,
+    so rows whose splits differ share a group without running tokens before their split. Rows are
+    grouped by suffix length (`group_by_length`), so a step runs little more than the suffixes."""
 
     def __init__(self, base: nn.Module, input_ids: Tensor, attention_mask: Tensor, split: Tensor,
                  max_groups: int = 8, upper: UpperBlocks | None = None, ends: Tensor | None = None):
         from transformers import DynamicCache
 
-        self.base, self.ids, self.attn, self.upper = base, input_ids, attention_mask, upper
+        self.base, self.upper = base, upper
         self._kw = cache_kwarg(base)
         self._new_cache = DynamicCache
         # a row is run up to the last position whose output is read (`ends`, exclusive): causal attention
         # means later tokens change nothing before them
         lengths = attention_mask.sum(-1) if ends is None else torch.minimum(ends, attention_mask.sum(-1))
+        lengths = torch.maximum(lengths, split + 1)  # the split token itself always runs: δ is added there
         self.groups: list[_Group] = []
+        self.rows_now: Tensor | None = None
+        T = input_ids.shape[1]
         with torch.no_grad():
-            for rows in group_by_split(split.cpu(), lengths.cpu(), max_groups):
+            for rows in group_by_length((lengths - split).cpu(), max_groups):
                 rows = rows.to(input_ids.device)
-                start, end = int(split[rows].min()), int(lengths[rows].max())
-                kv = None
-                if start > 0:
-                    out = base(input_ids=input_ids[rows, :start], attention_mask=attention_mask[rows, :start],
+                sp, ln = split[rows], lengths[rows]
+                P, S = int(sp.max()), int((ln - sp).max())
+                ar_p = torch.arange(P, device=sp.device)
+                pre_at = sp[:, None] - P + ar_p  # left padding: every prefix ends at column P - 1
+                pre_ok = pre_at >= 0
+                pre_at = pre_at.clamp_min(0)
+                suf_at = sp[:, None] + torch.arange(S, device=sp.device)
+                ids, attn = input_ids[rows], attention_mask[rows]
+                pre_mask = torch.where(pre_ok, attn.gather(1, pre_at), 0)
+                suf_at = suf_at.clamp_max(T - 1)  # the unread columns past a short row's end repeat its last token
+                group = _Group(rows, ids.gather(1, suf_at), suf_at, suf_at < ln[:, None],
+                               torch.cat([pre_mask, torch.ones_like(suf_at)], 1), None)
+                if P > 0:
+                    out = base(input_ids=ids.gather(1, pre_at), attention_mask=pre_mask, position_ids=pre_at,
                                use_cache=True)
                     cache = getattr(out, self._kw, None) or getattr(out, "past_key_values", None)
-                    kv = [(k.detach(), v.detach()) for k, v in _layers_kv(cache)]
-                group = _Group(rows, start, end, kv)
+                    group.kv = [(k.detach(), v.detach()) for k, v in _layers_kv(cache)]
                 if upper is not None:
                     group.h_in = self._insertion_output(group)
                 self.groups.append(group)
-        self.current: _Group | None = None  # the group being run, for hooks (`offset`, `rows_now`)
-        self.rows_now: Tensor | None = None
+
+    def _kwargs(self, g: _Group, keep: Tensor | None = None) -> dict[str, object]:
+        """The forward's mask, positions and (a fresh cache over) the prefix, for the group's rows `keep`."""
+        sel = slice(None) if keep is None else keep
+        kw: dict[str, object] = {"attention_mask": g.mask[sel], "position_ids": g.positions[sel],
+                                 "use_cache": g.kv is not None}
+        if g.kv is not None:
+            kw[self._kw] = self._new_cache([(k[sel], v[sel]) for k, v in g.kv])
+        return kw
 
     def _insertion_output(self, g: _Group) -> Tensor:
         """The insertion block's output over the group's suffix (it does not depend on δ)."""
@@ -150,54 +180,43 @@ class PrefixCache:
             raise StopForward
 
         hook = self.upper.insert.register_forward_hook(grab)
-        kwargs = {} if g.kv is None else {self._kw: self._new_cache([(k, v) for k, v in g.kv])}
         try:
-            self.base(input_ids=self.ids[g.rows, g.start:g.end], attention_mask=self.attn[g.rows, :g.end],
-                      use_cache=g.kv is not None, **kwargs)
+            self.base(input_ids=g.ids, **self._kwargs(g))
         except StopForward:
             pass
         finally:
             hook.remove()
         return got[0]
 
-    @property
-    def offset(self) -> int:
-        """Position of the first token of the current forward within its rows."""
-        return 0 if self.current is None else self.current.start
-
     def run(self, live_rows: Tensor, hidden_size: int,
-            inject: Callable[[Tensor, Tensor, int], Tensor] | None = None) -> Tensor:
-        """Last hidden states (R, T, d): filled at positions >= each group's start for live rows, zero elsewhere.
+            inject: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+        """Last hidden states (R, T, d): filled from each live row's split to its end, zero elsewhere.
 
-        With `UpperBlocks`, `inject(h, rows, offset)` adds δ to the cached insertion-block output `h`
-        of `rows` (whose first position is `offset`) before the blocks after it run; without, δ is
-        added by the caller's hook on the insertion block (`rows_now` and `offset` say where)."""
-        R, T = self.ids.shape
+        A step's column 0 is each row's split token. With `UpperBlocks`, `inject(h, rows)` adds δ
+        there to the cached insertion-block output `h` of `rows` before the blocks after it run;
+        without, δ is added by the caller's hook on the insertion block (`rows_now` says which rows)."""
+        R, T = live_rows.numel(), max(int(g.positions.max()) for g in self.groups) + 1
         hid = None
         for g in self.groups:
             keep = live_rows[g.rows]
             sel = g.rows[keep]
             if sel.numel() == 0:
                 continue
-            self.current, self.rows_now = g, sel
-            kwargs = {}
-            if g.kv is not None:
-                kwargs[self._kw] = self._new_cache([(k[keep], v[keep]) for k, v in g.kv])
+            self.rows_now = sel
+            kw = self._kwargs(g, keep)
             if self.upper is not None and g.h_in is not None:
                 h = g.h_in[keep]
                 if inject is not None:
-                    h = inject(h, sel, g.start)
+                    h = inject(h, sel)
                 with only_upper(self.base, self.upper):
-                    out = self.base(inputs_embeds=h, attention_mask=self.attn[sel, :g.end],
-                                    use_cache=g.kv is not None, **kwargs).last_hidden_state
+                    out = self.base(inputs_embeds=h, **kw).last_hidden_state
             else:
-                out = self.base(input_ids=self.ids[sel, g.start:g.end], attention_mask=self.attn[sel, :g.end],
-                                use_cache=g.kv is not None, **kwargs).last_hidden_state
+                out = self.base(input_ids=g.ids[keep], **kw).last_hidden_state
             if hid is None:
                 hid = out.new_zeros(R, T, hidden_size)
-            cols = torch.arange(g.start, g.end, device=out.device)
-            hid = hid.index_put((sel[:, None], cols[None, :]), out)
-        self.current, self.rows_now = None, None
+            ok = g.valid[keep]
+            hid = hid.index_put((sel[:, None].expand_as(ok)[ok], g.positions[keep][ok]), out[ok])
+        self.rows_now = None
         if hid is None:
-            hid = torch.zeros(R, T, hidden_size, device=self.ids.device)
+            hid = torch.zeros(R, T, hidden_size, device=live_rows.device)
         return hid

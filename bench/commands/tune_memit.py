@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--editor", default="memit", choices=["memit", "alphaedit"])
     ap.add_argument("--threshold", default="2e-2,1e-1,5e-1", help="alphaedit: nullspace_threshold grid")
     ap.add_argument("--l2", default="10,1,0.1", help="alphaedit: L2 grid")
+    ap.add_argument("--z", default=",".join(Z_SETTINGS), help="memit: comma-separated z settings to run")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a further setting for every grid point (repeatable), e.g. layers=[2,3,4,5,6,7,8,9]")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     task = tasks.TASKS[a.task](tasks.TASKS[a.task].config_cls())
@@ -68,13 +71,14 @@ def main(argv: list[str] | None = None) -> None:
     if a.editor == "alphaedit":
         _grid_alphaedit(a, em, requests, pre)
         return
-    for zname, zset in Z_SETTINGS.items():
-        ed = _prepared("memit", zset, a, em)
+    extra = dict(kv.split("=", 1) for kv in a.set)
+    for zname in a.z.split(","):
+        ed = _prepared("memit", {**Z_SETTINGS[zname], **extra}, a, em)
         t0 = time.perf_counter()
         for w in (float(x) for x in a.w.split(",")):
             ed.hparams = dataclasses.replace(ed.hparams, mom2_update_weight=w)
             edit, scores = _edit_and_score(ed, em, requests, pre)
-            print(json.dumps({"task": a.task, "n": a.n, "z": zname, "w": w, **scores,
+            print(json.dumps({"task": a.task, "n": a.n, "z": zname, "w": w, **extra, **scores,
                               "v_loss_mean": round(edit.info.get("v_loss_mean", float("nan")), 4),
                               "s_since_z_start": round(time.perf_counter() - t0, 1)}), flush=True)
 
@@ -105,7 +109,7 @@ def _grid_alphaedit(a: argparse.Namespace, em: Any, requests: list[Any], pre: An
     """One JSON line per (nullspace_threshold, L2) on the model file's z settings."""
     from editors.alphaedit import null_space_projector
 
-    ed = _prepared("alphaedit", {}, a, em)
+    ed = _prepared("alphaedit", dict(kv.split("=", 1) for kv in a.set), a, em)
     t0 = time.perf_counter()
     for thr in (float(x) for x in a.threshold.split(",")):
         ed._proj = {n: null_space_projector(s.mom2, thr) for n, s in ed._stats.items()}
