@@ -149,8 +149,9 @@ class PrefixCache:
                 suf_at = sp[:, None] + torch.arange(S, device=sp.device)
                 ids, attn = input_ids[rows], attention_mask[rows]
                 pre_mask = torch.where(pre_ok, attn.gather(1, pre_at), 0)
+                valid = suf_at < ln[:, None]
                 suf_at = suf_at.clamp_max(T - 1)  # the unread columns past a short row's end repeat its last token
-                group = _Group(rows, ids.gather(1, suf_at), suf_at, suf_at < ln[:, None],
+                group = _Group(rows, ids.gather(1, suf_at), suf_at, valid,
                                torch.cat([pre_mask, torch.ones_like(suf_at)], 1), None)
                 if P > 0:
                     out = base(input_ids=ids.gather(1, pre_at), attention_mask=pre_mask, position_ids=pre_at,

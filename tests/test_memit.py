@@ -390,6 +390,31 @@ def test_prefix_cached_z_equals_the_full_forward_z_in_float64_at_the_real_settin
     assert float((z1 - z0).norm() / z0.norm()) <= 1e-9
 
 
+@pytest.mark.parametrize("max_groups", [1, 3])
+def test_prefix_cache_hidden_states_equal_the_full_forward_at_every_run_position(rand_gpt2, max_groups):
+    """Rows of different splits and lengths (one as long as the batch, in a group whose longest suffix
+    is longer than its own): every position from a row's split to its end equals the full forward."""
+    from editors.zcache import PrefixCache, upper_blocks
+
+    em, _ = rand_gpt2
+    torch.manual_seed(1)
+    T = 12
+    ids = torch.randint(0, em.model.config.vocab_size, (5, T))
+    lengths = torch.tensor([12, 7, 9, 12, 4])
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    split = torch.tensor([10, 1, 3, 0, 2])  # row 0: suffix of 2 at the batch's end; row 1: suffix of 6
+    base = em.model.base_model
+    with torch.no_grad():
+        full = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        for up in (None, upper_blocks(base, base.h[0])):
+            cache = PrefixCache(base, ids, mask, split, max_groups=max_groups, upper=up)
+            hid = cache.run(torch.ones(5, dtype=torch.bool), full.shape[-1])
+            for r in range(5):
+                got, want = hid[r, split[r]:lengths[r]], full[r, split[r]:lengths[r]]
+                assert torch.allclose(got, want, atol=1e-5), (r, up is not None)
+                assert not hid[r, : split[r]].any()  # before the split: nothing run, zeros
+
+
 def test_prefix_groups_cover_every_row_once_and_bound_the_work():
     from editors.zcache import group_by_length
 

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--l2", default="10,1,0.1", help="alphaedit: L2 grid")
     ap.add_argument("--z", default=",".join(Z_SETTINGS), help="memit: comma-separated z settings to run")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a further setting for every grid point (repeatable), e.g. layers=[2,3,4,5,6,7,8,9]")
+                    help="a further setting for every grid point (repeatable), e.g. layers=2,3,4,5,6,7,8,9")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     task = tasks.TASKS[a.task](tasks.TASKS[a.task].config_cls())
