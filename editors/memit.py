@@ -460,9 +460,9 @@ class MEMIT(Editor):
                 # Logits only where needed: answer positions of rewriting rows, subject token of KL rows.
                 logp = torch.log_softmax(full_precision(head(hid[tok_r, tok_t])), -1)
                 tok_nll = -logp.gather(1, tok_y[:, None]).squeeze(1)
-                row_nll = torch.zeros(n_rw, device=dev).index_add(0, tok_r, tok_nll) / n_tok
-                nll = torch.zeros(m, device=dev).index_add(0, row_owner[:n_rw], row_nll) / n_ctx
-                kl = torch.zeros(m, device=dev)
+                row_nll = tok_nll.new_zeros(n_rw).index_add(0, tok_r, tok_nll) / n_tok
+                nll = row_nll.new_zeros(m).index_add(0, row_owner[:n_rw], row_nll) / n_ctx
+                kl = nll.new_zeros(m)
                 if len(kl_owner):
                     kl_logp = torch.log_softmax(full_precision(head(hid[kl_rows, pos[kl_rows]])), -1)
                     if kl_init is None:
