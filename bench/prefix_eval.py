@@ -24,7 +24,7 @@ from torch import Tensor
 
 from bench.counterfact_scores import answer_logprobs
 from bench.metrics import answer_token_hits
-from bench.models import EditableModel, cache_kwarg
+from bench.models import EditableModel, cache_kwarg, output_cache
 from tasks.base import answer_text
 
 
@@ -101,8 +101,7 @@ class _Prefix:
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: object | None) -> tuple[Tensor, object]:
         kw = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True, self.kw: cache}
         out = self.net(**kw)
-        new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        return (out.logits if self.head is None else out.last_hidden_state), new_cache
+        return (out.logits if self.head is None else out.last_hidden_state), output_cache(out)
 
     def _rewind(self) -> None:
         """Drop what answers or greedy steps appended: the cache holds the prompts again."""

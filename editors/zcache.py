@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from bench.models import StopForward, cache_kwarg
+from bench.models import StopForward, cache_kwarg, output_cache
 
 
 def _layers_kv(cache: object) -> list[tuple[Tensor, Tensor]]:
@@ -136,7 +136,7 @@ class PrefixCache:
         lengths = torch.maximum(lengths, split + 1)  # the split token itself always runs: δ is added there
         self.groups: list[_Group] = []
         self.rows_now: Tensor | None = None
-        T = input_ids.shape[1]
+        self.width = T = input_ids.shape[1]
         with torch.no_grad():
             for rows in group_by_length((lengths - split).cpu(), max_groups):
                 rows = rows.to(input_ids.device)
@@ -156,8 +156,7 @@ class PrefixCache:
                 if P > 0:
                     out = base(input_ids=ids.gather(1, pre_at), attention_mask=pre_mask, position_ids=pre_at,
                                use_cache=True)
-                    cache = getattr(out, self._kw, None) or getattr(out, "past_key_values", None)
-                    group.kv = [(k.detach(), v.detach()) for k, v in _layers_kv(cache)]
+                    group.kv = [(k.detach(), v.detach()) for k, v in _layers_kv(output_cache(out))]
                 if upper is not None:
                     group.h_in = self._insertion_output(group)
                 self.groups.append(group)
@@ -196,7 +195,7 @@ class PrefixCache:
         A step's column 0 is each row's split token. With `UpperBlocks`, `inject(h, rows)` adds δ
         there to the cached insertion-block output `h` of `rows` before the blocks after it run;
         without, δ is added by the caller's hook on the insertion block (`rows_now` says which rows)."""
-        R, T = live_rows.numel(), max(int(g.positions.max()) for g in self.groups) + 1
+        R, T = live_rows.numel(), self.width
         hid = None
         for g in self.groups:
             keep = live_rows[g.rows]
@@ -205,7 +204,7 @@ class PrefixCache:
                 continue
             self.rows_now = sel
             kw = self._kwargs(g, keep)
-            if self.upper is not None and g.h_in is not None:
+            if g.h_in is not None:  # with UpperBlocks: only the blocks after the insertion block run
                 h = g.h_in[keep]
                 if inject is not None:
                     h = inject(h, sel)

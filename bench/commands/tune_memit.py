@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     requests = random.Random(0).sample(task.train_split(), a.n)
     em = load_model(LoadContext(a.model, a.results, "cpu", task.kind, 0, None))
     pre = evaluate(em, requests)
-    if a.editor == "alphaedit":
-        _grid_alphaedit(a, em, requests, pre)
-        return
     extra = dict(kv.split("=", 1) for kv in a.set)
+    if a.editor == "alphaedit":
+        _grid_alphaedit(a, extra, em, requests, pre)
+        return
     for zname in a.z.split(","):
         ed = _prepared("memit", {**Z_SETTINGS[zname], **extra}, a, em)
         t0 = time.perf_counter()
@@ -105,11 +105,11 @@ def _edit_and_score(ed: Any, em: Any, requests: list[Any], pre: Any) -> tuple[An
                   "residual": round(edit.mean_residual, 4)}
 
 
-def _grid_alphaedit(a: argparse.Namespace, em: Any, requests: list[Any], pre: Any) -> None:
+def _grid_alphaedit(a: argparse.Namespace, extra: dict[str, str], em: Any, requests: list[Any], pre: Any) -> None:
     """One JSON line per (nullspace_threshold, L2) on the model file's z settings."""
     from editors.alphaedit import null_space_projector
 
-    ed = _prepared("alphaedit", dict(kv.split("=", 1) for kv in a.set), a, em)
+    ed = _prepared("alphaedit", extra, a, em)
     t0 = time.perf_counter()
     for thr in (float(x) for x in a.threshold.split(",")):
         ed._proj = {n: null_space_projector(s.mom2, thr) for n, s in ed._stats.items()}

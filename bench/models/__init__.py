@@ -66,7 +66,6 @@ ARCH_VARIANTS: dict[str, Callable[[Any], str]] = {
 }
 
 
-# Causal LMs whose logits are exactly output_head(base_model(...).last_hidden_state).
 def cache_kwarg(module: nn.Module) -> str:
     """The name transformers gives a forward's key/value cache argument (renamed from past_key_values to cache in 5.x)."""
     import inspect
@@ -74,10 +73,16 @@ def cache_kwarg(module: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
+def output_cache(out: Any) -> Any:
+    """The key/value cache a forward returned, under either name (`cache_kwarg`)."""
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
 class StopForward(Exception):
     """Raised by a forward hook once it has read what it needs: the rest of the forward pass is skipped."""
 
 
+# Causal LMs whose logits are exactly output_head(base_model(...).last_hidden_state).
 _PLAIN_HEAD = frozenset({"GPT2LMHeadModel", "LlamaForCausalLM", "GPTJForCausalLM", "MistralForCausalLM",
                          "Qwen2ForCausalLM", "GPTNeoXForCausalLM"})
 
