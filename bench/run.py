@@ -23,6 +23,7 @@ import torch
 import editors
 import tasks
 from bench.config import RunConfig, stable_hash
+from bench.depth import model_depth
 from bench.download import DownloadError, full_data
 from bench.eval_extra import ExtraOptions, combine_all, evaluate_all
 from bench.machine import cpu_env, cpu_model
@@ -44,6 +45,7 @@ from bench.sequential import edit_in_sequence
 from bench.store import ResultStore, ensure_dir
 from editors.base import (
     HPARAMS_DIR,
+    BadValue,
     EditorContext,
     hparams_from,
     model_defaults,
@@ -169,12 +171,19 @@ def resolve(cfg: RunConfig, cache_dir: str | Path | None = None, progress: Any =
             f"unknown --set key(s) {unknown} for editor '{cfg.editor}' / task '{cfg.task}'; valid: "
             f"editor {sorted(hp_fields)}, task {sorted(k for k in task_fields if k not in ('data', 'train_data'))}"
         )
+    check_seed(cfg.seed)
+    file_defaults = model_defaults(cfg.editor, cfg.model)
+    defaults_file = model_defaults_path(cfg.editor, cfg.model).relative_to(HPARAMS_DIR.parent.parent).as_posix()
     try:
         task_kwargs: dict[str, Any] = {"data": cfg.data, "train_data": cfg.train_data, "skip_bad": cfg.skip_bad}
         task_cfg = hparams_from(task_cls.config_cls, task_over, task_kwargs)
-        hparams = hparams_from(editor_cls.hparams_cls, ed_over, model_defaults(cfg.editor, cfg.model))
+        hparams = hparams_from(editor_cls.hparams_cls, ed_over, file_defaults, defaults_file)
+    except BadValue as e:  # already the whole line: "bad --set value: lr=nan is not a finite number > 0"
+        raise UserError(str(e)) from None
     except (ValueError, TypeError) as e:
         raise UserError(f"bad --set value {e}") from None
+    check_depth(cfg.model, hparams, {**{k: f"value in {defaults_file}" for k in file_defaults},
+                                     **{k: "--set value" for k in ed_over}})
     data_notes: list[str] = []
     try:
         task = _build_task(cfg, task_cls, task_cfg, Path(cache_dir) if cache_dir is not None else Path("results"),
@@ -222,6 +231,38 @@ def resolve(cfg: RunConfig, cache_dir: str | Path | None = None, progress: Any =
     config_hash, task_key = _content_hashes(config, model_is_folder=model_id is not None and Path(cfg.model).is_dir())
     notes = [n for n in [defaults_note(cfg.editor, cfg.model)] if n] + data_notes
     return Resolved(cfg, task, editor_cls, hparams, device, config, config_hash, task_key, notes)
+
+
+SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1: what numpy's legacy seeding takes, well inside torch.manual_seed's range
+
+
+def check_seed(seed: int) -> None:
+    """UserError for a --seed outside 0 .. 2**32 - 1 (torch.manual_seed overflows past 2**64, and rows should compare)."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"--seed {seed} is out of range; choose 0 to {SEED_LIMIT - 1}")
+
+
+def check_depth(model: str, hparams: Any, given: dict[str, str], depth: int | None = None) -> None:
+    """UserError when a given `last_n` or MEMIT block index exceeds the model's blocks (found before loading if it can be).
+
+    `given` maps the keys the user gave to where ("--set value", "value in <file>"): only those are
+    checked, so an editor's default `last_n` (MALMEN's 6) edits every block of a smaller model, as it
+    always has. `depth`: the model's blocks when known (else bench/depth.py finds them without loading).
+    """
+    checked = [k for k in ("last_n", "layers") if k in given]
+    if not checked:
+        return
+    depth = depth if depth is not None else model_depth(model)
+    if depth is None:  # a hub id not downloaded yet: the editor clamps (last_n) or refuses (blocks) after loading
+        return
+    last_n = getattr(hparams, "last_n", None) if "last_n" in checked else None
+    if isinstance(last_n, int) and last_n > depth:
+        raise UserError(f"bad {given['last_n']}: last_n={last_n} is more than the {depth} blocks of model '{model}'; "
+                        f"choose 1 to {depth}")
+    blocks = getattr(hparams, "layers", None) if "layers" in checked else None
+    if isinstance(blocks, list) and (out := [b for b in blocks if isinstance(b, int) and b >= depth]):
+        raise UserError(f"bad {given['layers']}: layers={','.join(map(str, blocks))} names block(s) {out} but model "
+                        f"'{model}' has blocks 0 to {depth - 1}")
 
 
 def batch_count(cfg: RunConfig, pool: int) -> int:
@@ -549,6 +590,11 @@ def _execute_locked(cfg: RunConfig, res: Resolved, store: ResultStore, cache: Pa
     try:  # a load that fails (out of memory, unreadable weights) is a failed run too: stored, not a traceback
         em = models.get(res, cache, progress)
         require_kind(em, res.task, cfg.model, cfg.task)
+        if (digest := em.info.get("weights_sha256")) is not None:  # built-in models (bench/models/pinned.py)
+            row["model_sha256"] = digest
+            if em.info.get("weights_reference") is False:
+                log(f"note: built-in model '{cfg.model}' has weights sha256 {digest[:16]}..., not the reference "
+                    "one: its numbers will not match published rows (docs/reproducibility.md)")
         phases = _run_phases(res, em, cache, progress, log)
         samples = phases.pop("samples", None)
         if samples is not None:  # --log-samples: beside the store, named by the run

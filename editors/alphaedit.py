@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -38,6 +38,7 @@ from torch import Tensor
 from bench.models import EditableModel
 from editors.base import register_editor
 from editors.memit import MEMIT, MEMITHparams
+from editors.ranges import Range, positive
 from editors.solvers import SolveStats, require_finite, solve_spd
 from tasks.base import EditRequest
 
@@ -48,6 +49,8 @@ class AlphaEditHparams(MEMITHparams):
 
     nullspace_threshold: float = 2e-2  # eigenvalues of C below it span the preserved keys' null space
     L2: float = 10.0  # λ of the update's normal equation
+
+    RANGES: ClassVar[dict[str, Range]] = {**MEMITHparams.RANGES, "nullspace_threshold": positive(), "L2": positive()}
 
 
 def null_space_projector(mom2: Tensor, threshold: float) -> Tensor:

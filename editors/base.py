@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from editors.ranges import BadValue, unparsable, violation
 from tasks.base import EditRequest
 
 if TYPE_CHECKING:
@@ -161,17 +162,30 @@ def model_defaults(editor: str, model: str) -> dict[str, Any]:
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
-def hparams_from(cls: type, overrides: dict[str, str], defaults: dict[str, Any] | None = None) -> Any:
-    """Build a hyperparameter dataclass from defaults and `--set` string overrides (typed by field)."""
+def hparams_from(cls: type, overrides: dict[str, str], defaults: dict[str, Any] | None = None,
+                 defaults_from: str = "the per-model defaults") -> Any:
+    """Build a hyperparameter dataclass from defaults and `--set` string overrides (typed by field).
+
+    Every given value is checked against the range `cls` declares for its field (editors/ranges.py)
+    before the dataclass is built: BadValue, a one-line message naming the key, the value and the
+    range, for a `--set` value or a value of `defaults` (read from `defaults_from`).
+    """
     kwargs: dict[str, Any] = dict(defaults or {})
     by_name = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in kwargs.items():
+        if k in by_name and (why := violation(cls, k, v)) is not None:
+            raise BadValue(f"bad value in {defaults_from}: {why}")
     for k, v in overrides.items():
         if k not in by_name:
             raise KeyError(k)
         try:
             kwargs[k] = parse_value(v, by_name[k].type)
         except ValueError as e:  # name the key: "could not convert string to float" alone says nothing
+            if (why := unparsable(cls, k, v)) is not None:
+                raise BadValue(f"bad --set value: {why}") from None
             raise ValueError(f"{k}={v}: {e}") from None
+        if (why := violation(cls, k, kwargs[k], as_typed=v if isinstance(v, str) else None)) is not None:
+            raise BadValue(f"bad --set value: {why}")
     return cls(**kwargs)
 
 

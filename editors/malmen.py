@@ -25,7 +25,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -40,7 +40,8 @@ from editors.checkpoint import (
 )
 from editors.hypernet import BLOCKS, HyperNet
 from editors.lossnorm import LOSS_NORMS
-from editors.meta import META_GRADS, SCHEDULES, Options, TrainConfig, compute_edit, meta_train
+from editors.meta import META_GRADS, REGS, SCHEDULES, SHIFTS, Options, TrainConfig, compute_edit, meta_train
+from editors.ranges import Range, at_least, non_negative, one_of, positive
 from tasks.base import EditRequest
 
 
@@ -78,6 +79,19 @@ class MalmenHParams:
     meta_threads: int = 0
     micro_batch: int = 16  # prompts per LM forward (memory only: results do not depend on it)
     chunk: int = 1024  # cached tuples per hyper-network forward (the official editor.batch_size)
+
+    # valid values, checked by editors.base.hparams_from (editors/ranges.py); last_n above the model's depth: bench.run.check_depth
+    RANGES: ClassVar[dict[str, Range]] = {
+        "layers": one_of("second_fc", "first_fc"), "last_n": at_least(1), "rank": at_least(1),
+        "n_blocks": at_least(1), "block": one_of(*BLOCKS), "edit_lr": positive(), "lam_init": positive(),
+        "meta_lr": positive(), "loc_coef": non_negative(), "max_grad_norm": positive(), "shift": one_of(*SHIFTS),
+        "reg": one_of(*REGS), "cache": one_of(*CACHE_MODES), "meta_grad": one_of(*META_GRADS),
+        "loss_norm": one_of(*LOSS_NORMS), "lm_batch": at_least(1),
+        "train_edits": at_least(1).or_none("the run's --edits"), "schedule": one_of(*SCHEDULES),
+        "epochs": at_least(1), "steps": at_least(1), "val_every": at_least(1), "n_val": at_least(0),
+        "val_batches": at_least(0), "patience": at_least(0), "meta_threads": at_least(0),
+        "micro_batch": at_least(1), "chunk": at_least(1),
+    }
 
     def __post_init__(self) -> None:
         if self.layers not in ("second_fc", "first_fc"):

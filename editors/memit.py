@@ -57,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -75,6 +75,7 @@ from editors.base import (
     seq2seq_refusal,
 )
 from editors.caching import full_precision
+from editors.ranges import Range, at_least, int_list, non_negative, one_of, positive, text, text_list
 from editors.solvers import SolveStats, require_finite, solve_spd
 from editors.stats import LayerStats, corpus_for, layer_second_moments
 from editors.zcache import PrefixCache, upper_blocks
@@ -108,6 +109,20 @@ class MEMITHparams:
     # prefix: each Adam step runs only the positions δ can reach, the prefix's keys/values cached once
     # (editors/zcache.py; exact up to float rounding); none: the whole batch every step (the reference)
     z_cache: str = "prefix"
+
+    # valid values, checked by editors.base.hparams_from (editors/ranges.py); block indices against the
+    # model's depth: bench.run.check_depth
+    RANGES: ClassVar[dict[str, Range]] = {
+        "layers": int_list(0).or_none("GPT-J's blocks scaled to the model's depth"),
+        "fact_token": one_of("subject_last", "last"),
+        "clamp_norm_factor": positive().or_none("the model's rule"), "v_num_grad_steps": at_least(1),
+        "v_lr": positive(), "v_weight_decay": non_negative().or_none("the model's rule"), "kl_factor": non_negative(),
+        "v_loss_stop": non_negative(), "mom2_update_weight": positive().or_none("the width rule"),
+        "mom2_dataset": one_of("auto", "synthetic", "shipped", "wikitext"), "mom2_n_samples": at_least(1),
+        "mom2_max_length": at_least(1), "mom2_batch_size": at_least(1), "context_starts": text_list(),
+        "context_len": at_least(1), "context_top_k": at_least(1), "context_sep": text(), "kl_template": text("{}"),
+        "batch_size": at_least(1), "v_batch_requests": at_least(1), "z_cache": one_of("prefix", "none"),
+    }
 
 
 def kl_edited_from_original(logp_edited: Tensor, logp_original: Tensor) -> Tensor:

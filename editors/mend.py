@@ -16,9 +16,11 @@ answer-token cache with MEND's aggregation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from editors.base import register_editor
 from editors.malmen import MalmenEditor, MalmenHParams
+from editors.ranges import Range, one_of
 
 
 @dataclass
@@ -27,6 +29,7 @@ class MendHParams(MalmenHParams):
 
     shift: str = "sum"
     cache: str = "all"
+    RANGES: ClassVar[dict[str, Range]] = {**MalmenHParams.RANGES, "shift": one_of("sum")}  # malmen's, summed shifts only
 
     def __post_init__(self) -> None:
         super().__post_init__()
