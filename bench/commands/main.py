@@ -192,7 +192,8 @@ def keys(
     seed: Annotated[int, typer.Option(help="seed for sampling the requests")] = 0,
     layers: Annotated[str, typer.Option(help="second_fc (FFN output linear) or first_fc")] = "second_fc",
     blocks: Annotated[str | None, typer.Option(help="comma-separated block indices (default: the last --last-n)")] = None,
-    last_n: Annotated[int, typer.Option(help="edit the last N blocks when --blocks is not given")] = 6,
+    last_n: Annotated[int | None, typer.Option(help="edit the last N blocks when --blocks is not given (default: 6, "
+                                                  "or every block of a smaller model)")] = None,
     lam: Annotated[str, typer.Option(help="comma-separated ridge λ values")] = "0.01,0.1,1,10",
     set_: Annotated[list[str] | None, typer.Option("--set", help="task option KEY=VALUE (e.g. locality=neighbours)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
@@ -203,9 +204,10 @@ def keys(
     import bench.geometry as G
     import bench.models as M
     import tasks
+    from bench.depth import loaded_depth, model_depth
     from bench.models import LoadContext, ModelLoadError
     from bench.progress import progress_factory
-    from bench.run import UserError, choose, require_kind, resolve_device
+    from bench.run import UserError, check_seed, choose, require_kind, resolve_device
     from bench.store import StoreError, ensure_dir
     from editors.base import hparams_from
 
@@ -214,13 +216,28 @@ def keys(
         block_ids = [int(x) for x in blocks.split(",")] if blocks else None
     except ValueError as e:
         fail(f"bad --lam/--blocks value: {e}")
-    if not lams or any(x <= 0 for x in lams):
-        fail("--lam needs positive values (λ = 0 is singular for n < d keys)")
+    if not lams or any(not (math.isfinite(x) and x > 0) for x in lams):
+        fail(f"--lam needs finite positive values (λ = 0 is singular for n < d keys); got {lam}")
+    if edits < 1:
+        fail(f"--edits must be at least 1, got {edits}")
+    if last_n is not None and last_n < 1:
+        fail(f"--last-n must be at least 1, got {last_n}")
+    if layers not in ("second_fc", "first_fc"):
+        fail(f"--layers {layers}: choose second_fc or first_fc")
+
+    def check_last_n(depth: int | None) -> None:  # a --last-n the user gave, against the model's blocks
+        if last_n is not None and block_ids is None and depth is not None and last_n > depth:
+            raise UserError(f"--last-n {last_n} is more than the {depth} blocks of model '{model}'; "
+                            f"choose 1 to {depth}")
+
     try:
         ensure_dir(results)  # the model cache: a bad folder fails before the model is loaded or trained
     except StoreError as e:
         fail(str(e))
     try:
+        check_seed(seed)
+        depth = model_depth(model) if last_n is not None else None  # known before loading: aliases, folders, cached ids
+        check_last_n(depth)
         task_cls = choose("task", task, tasks.TASKS)
         sets, valid = C.parse_sets(set_), {f.name for f in dataclasses.fields(task_cls.config_cls)}
         if unknown := sorted(set(sets) - valid):
@@ -231,7 +248,9 @@ def keys(
         with stdout_to_stderr(json_):
             em = M.load_model(LoadContext(model, results, str(dev), t.kind, seed, progress_factory(err)))
         require_kind(em, t, model, task)
-        modules = em.module_names(which=layers, blocks=block_ids, last_n=last_n)
+        if last_n is not None and depth is None:
+            check_last_n(loaded_depth(em))
+        modules = em.module_names(which=layers, blocks=block_ids, last_n=6 if last_n is None else last_n)
     except (UserError, ValueError, TypeError, ModelLoadError) as e:
         fail(str(e))
     with stdout_to_stderr(json_):
