@@ -2,8 +2,9 @@
 
 Guarantees: a row is on disk whole (every byte written, fsynced) or `append` raises `StoreWriteError`
 and the file is cut back to where it was; a line that is not a whole row (a killed writer's partial
-line, bad UTF-8, JSON that is not a row object) is skipped by every reader with one warning; identical
-configs run one at a time under `lock(config_hash)` (`locks/<hash>.lock`).
+line, bad UTF-8, JSON that is not a row object, a field the readers use of the wrong type: `ROW_SCHEMA`)
+is skipped by every reader with one warning; identical configs run one at a time under
+`lock(config_hash)` (`locks/<hash>.lock`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,72 @@ from typing import Any
 
 STORE_NAME = "runs.jsonl"
 LOCKS_DIR = "locks"
-# What every reader relies on in a row; a line lacking one is skipped like a truncated one.
-ROW_FIELDS: dict[str, type] = {"config": dict, "config_hash": str, "run_id": str, "status": str, "editor": str,
-                               "model": str, "task": str, "n_edits": int, "seed": int}
-OK_FIELDS: dict[str, type] = {"metrics": dict, "times": dict}  # and, in an `ok` row, these
-JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
+JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+              dict: "object"}
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# The row schema: every field that run, sweep, report, check and derive read, as a dotted path (`*`: each value
+# of an object or item of an array) -> (what it must be, test). A path is checked only where its parent exists.
+# REQUIRED paths must be present in every row, OK_REQUIRED also in an `ok` row; the rest only when present.
+KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "int?": ("an integer or null", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
+    "num": ("a number", _num),
+    "num?": ("a number or null", lambda v: v is None or _num(v)),
+    "obj": ("an object", lambda v: isinstance(v, dict)),
+    "obj?": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+    "list?": ("an array or null", lambda v: v is None or isinstance(v, list)),
+}
+ROW_SCHEMA: dict[str, str] = {
+    "config": "obj", "config_hash": "str", "run_id": "str", "status": "str", "editor": "str", "model": "str",
+    "task": "str", "n_edits": "int", "seed": "int",  # REQUIRED
+    "metrics": "obj", "times": "obj",  # OK_REQUIRED
+    "config.data": "obj?", "config.device": "str", "config.sequential": "int", "started_at": "str", "error": "str",
+    "env": "obj", "env.threads": "int?", "info": "obj", "info.prepare": "obj?", "mem_kind": "str", "n_skipped_records": "int",
+    "metrics.*": "num?", "metrics_std": "obj?", "metrics_std.*": "num?", "times.*": "num",
+    "peak_mem_prepare_bytes": "num?", "peak_mem_edit_bytes": "num?", "mean_residual": "num?",
+    "batches": "list?", "batches.*": "obj", "batches.*.metrics": "obj", "batches.*.metrics.*": "num?",
+    "sequence": "list?", "sequence.*": "obj", "sequence.*.metrics": "obj", "sequence.*.metrics.*": "num?",
+    "sequence.*.n_edited": "int", "sequence.*.first_batch": "obj",
+}
+REQUIRED = ("config", "config_hash", "run_id", "status", "editor", "model", "task", "n_edits", "seed")
+OK_REQUIRED = ("metrics", "times")
+
+
+def _at(row: dict[str, Any], path: str) -> Iterator[tuple[str, Any]]:
+    """(concrete path, value) for every value at a dotted schema path that exists in `row`."""
+    found: list[tuple[str, Any]] = [("", row)]
+    for part in path.split("."):
+        nxt = []
+        for where, v in found:
+            if part == "*":
+                items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+                nxt += [(f"{where}.{k}" if where else str(k), x) for k, x in items]
+            elif isinstance(v, dict) and part in v:
+                nxt.append((f"{where}.{part}" if where else part, v[part]))
+        found = nxt
+    return iter(found)
+
+
+def row_problem(row: dict[str, Any]) -> str:
+    """"" for a row every reader can use, else what is wrong with it (the first field that breaks ROW_SCHEMA)."""
+    need = REQUIRED + (OK_REQUIRED if row.get("status") == "ok" else ())
+    if missing := [k for k in need if k not in row]:
+        return f"is not a row (missing: {', '.join(missing)})"
+    for path, kind in ROW_SCHEMA.items():
+        what, test = KINDS[kind]
+        for where, v in _at(row, path):
+            if not test(v):
+                got = JSON_TYPES.get(type(v), type(v).__name__)
+                return f"is not a row ({where} must be {what}, got {got} {v!r:.30})"
+    return ""
+
+
 
 
 class StoreError(Exception):
@@ -60,6 +122,21 @@ def ensure_dir(path: str | Path, what: str = "--results") -> Path:
     return path
 
 
+# The cache's subfolders (models, hyper-network checkpoints, MEMIT statistics, downloaded data).
+CACHE_SUBDIRS = ("models", "checkpoints", "stats", "data")
+
+
+def ensure_cache(path: str | Path, what: str = "--cache-dir") -> Path:
+    """`ensure_dir`, and a StoreError naming it where one of `CACHE_SUBDIRS` exists but is not a folder."""
+    path = ensure_dir(path, what)
+    for sub in CACHE_SUBDIRS:
+        p = path / sub
+        if (p.exists() or p.is_symlink()) and not p.is_dir():
+            raise StoreError(f"{what} {path}: {p} is not a folder; the cache keeps its {sub} there "
+                             "(move the file away)")
+    return path
+
+
 def parse_row(raw: bytes) -> tuple[dict[str, Any] | None, str]:
     """One stored line -> (row, "") or (None, why it is not a row)."""
     try:
@@ -72,10 +149,8 @@ def parse_row(raw: bytes) -> tuple[dict[str, Any] | None, str]:
         return None, "is not valid JSON"
     if not isinstance(row, dict):
         return None, f"is a JSON {JSON_TYPES.get(type(row), type(row).__name__)}, not a row object"
-    need = {**ROW_FIELDS, **(OK_FIELDS if row.get("status") == "ok" else {})}
-    bad = [k for k, kind in need.items() if not isinstance(row.get(k), kind)]
-    if bad:
-        return None, f"is not a row (missing or wrong type: {', '.join(bad)})"
+    if why := row_problem(row):
+        return None, why
     return row, ""
 
 

@@ -30,7 +30,8 @@ A ratio uses the newest numerator row and the newest denominator row with the sa
 device and machine, i.e. measured side by side in one sweep. Every threshold needs a matching `ok`
 row; a threshold without one fails. Exit code: 0 all pass, 1 any failure, 2 bad thresholds file:
 one that is not UTF-8 TOML, breaks the schema, has a NaN or infinite bound (NaN never passes, an
-infinite bound checks nothing), or names an editor, task or `set` key that does not exist (such a
+infinite bound checks nothing) or a bound outside its quantity's range (`value_range`: ES/GS/LS and
+the other rates are fractions in [0, 1], times, memory, the residual and ratios are >= 0), or names an editor, task or `set` key that does not exist (such a
 threshold could never match a row). Model names are not checked: any path or hub id is a model.
 """
 
@@ -56,6 +57,14 @@ METRICS = ("es", "gs", "ls", "ls_agree", "es_seq", "gs_seq", "ls_seq",
 TIMES = ("prepare_s", "edit_s", "eval_s")
 TOP_LEVEL = ("peak_mem_prepare_bytes", "peak_mem_edit_bytes", "mean_residual")
 QUANTITIES = METRICS + TIMES + TOP_LEVEL
+
+
+def value_range(q: str) -> tuple[float, float | None, str]:
+    """(low, high or None, in words) of the values quantity `q` can take: a bound outside it is a typo (90 for 0.9)."""
+    if q in METRICS:
+        return 0.0, 1.0, "a fraction in [0, 1]"
+    what = {"peak_mem_prepare_bytes": "bytes", "peak_mem_edit_bytes": "bytes"}.get(q, "seconds" if q in TIMES else "")
+    return 0.0, None, f"{what + ' ' if what else ''}>= 0".strip()
 SELECTOR_KEYS = frozenset({"task", "model", "editor", "edits", "set", "seed", "sequential"})
 RATIO_KEYS = frozenset({"task", "model", "edits", "seed", "sequential", "quantity", "numerator", "denominator",
                         "min", "max"})
@@ -161,13 +170,21 @@ def _bounds(d: dict[str, Any], where: str, quantity: str | None = None) -> tuple
         if op not in d:
             continue
         if quantity is not None:  # a ratio: min/max are numbers
-            out.append(Bound("ratio", op, _limit(_need(d, op, (int, float), where), f"'{op}'", where)))
+            limit = _limit(_need(d, op, (int, float), where), f"'{op}'", where)
+            if limit < 0:
+                raise ThresholdError(f"{where}: {op} = {limit:g} is outside the range of a ratio of {quantity} (>= 0)")
+            out.append(Bound("ratio", op, limit))
             continue
         table = _need(d, op, dict, where)
         for q, v in table.items():
             if q not in QUANTITIES:
                 raise ThresholdError(f"{where}: unknown quantity '{q}' in {op}; choices: {', '.join(QUANTITIES)}")
-            out.append(Bound(q, op, _limit(v, f"{op}.{q}", where)))
+            limit = _limit(v, f"{op}.{q}", where)
+            low, high, words = value_range(q)
+            if limit < low or (high is not None and limit > high):
+                raise ThresholdError(f"{where}: {op}.{q} = {v:g} is outside the range of {q} ({words})"
+                                     + ("; a percentage? write it as a fraction" if high == 1.0 and limit > 1 else ""))
+            out.append(Bound(q, op, limit))
     if not out:
         raise ThresholdError(f"{where}: needs a 'min' or 'max'")
     return tuple(out)
@@ -247,6 +264,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
                              "TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ThresholdError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ThresholdError(f"{path}: arrays or tables nested too deeply for the TOML parser") from None
 
 
 def load_thresholds(path: str | Path) -> tuple[list[Threshold], list[Ratio]]:
@@ -379,6 +398,8 @@ def check(
         ths, ratios = load_thresholds(thresholds)
     except ThresholdError as e:
         fail(str(e), 2)
+    if not results.is_dir():
+        fail(f"--results {results}: {'not a folder' if results.exists() else 'no such folder'}", 2)
     try:
         rows = list(ResultStore(results).rows())
     except StoreError as e:

@@ -75,6 +75,11 @@ def success_bound(values: list[float], n: int) -> tuple[float, float]:
     return max(0.0, _floor2(min(min(values), mu - K * sigma))), sigma
 
 
+def _num(v: Any) -> bool:
+    """A measured number (rows are schema-checked on read, so this only tells null and NaN apart from values)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)
+
+
 def group_rows(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str, int], list[dict[str, Any]]]:
     """ok rows of the default variant, grouped by (task, model, editor, m)."""
     groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = defaultdict(list)
@@ -92,12 +97,13 @@ def derive(rows: Iterable[dict[str, Any]], min_runs: int = 3, left_out: list[str
     """
     out = []
     for (task, model, editor, m), rs in group_rows(rows).items():
+        rs = [r for r in rs if all(_num(r["metrics"].get(k)) for q in SUCCESS for k in (q, f"pre_{q}"))]
         if len(rs) < min_runs:
             continue
         mins: dict[str, float] = {}
         maxs: dict[str, float] = {}
         seeds = sorted({r["seed"] for r in rs})
-        threads = sorted({r["env"].get("threads") for r in rs})
+        threads = sorted({(r.get("env") or {}).get("threads") for r in rs}, key=lambda t: (t is None, t or 0))
         notes = [f"{len(rs)} runs: seeds {seeds}, threads {threads}"]
         for q in SUCCESS:
             vals = [float(r["metrics"][q]) for r in rs]
@@ -146,9 +152,10 @@ def derive_ratios(rows: Iterable[dict[str, Any]], min_runs: int = 3) -> list[Rat
         for (task, model, ed, m), num_rows in groups.items():
             if ed != editor or m != m_num:
                 continue
-            den = {(r["seed"], r["env"].get("threads")): r for r in groups.get((task, model, ed, m_den), [])}
-            ratios = [float(r["times"][q]) / float(d["times"][q]) for r in num_rows
-                      if (d := den.get((r["seed"], r["env"].get("threads")))) and float(d["times"][q]) > 0]
+            den = {(r["seed"], (r.get("env") or {}).get("threads")): r for r in groups.get((task, model, ed, m_den), [])}
+            ratios = [r["times"][q] / d["times"][q] for r in num_rows
+                      if (d := den.get((r["seed"], (r.get("env") or {}).get("threads"))))
+                      and _num(r["times"].get(q)) and _num(d["times"].get(q)) and d["times"][q] > 0]
             if len(ratios) >= min_runs:
                 limit = math.ceil(RATIO_FACTOR * max(ratios) * 2) / 2
                 out.append(RatioBound(task, model, editor, q, m_num, m_den, limit,
@@ -189,6 +196,14 @@ def derive_cmd(
     """Derive regression thresholds from a measurement campaign (rule in bench/commands/derive.py)."""
     from bench.console import fail
 
+    try:  # bad input first, before the store is read: a missing header or campaign folder is exit 2
+        head = header.read_text(encoding="utf-8") if header else ""
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "not UTF-8 text" if isinstance(
+            e, UnicodeDecodeError) else str(e)
+        fail(f"--header {header}: cannot read it ({why})", 2)
+    if missing := [d for d in results if not d.is_dir()]:
+        fail(f"--results {missing[0]}: {'not a folder' if missing[0].exists() else 'no such folder'}", 2)
     try:
         rows = [r for d in results for r in ResultStore(d).rows()]
     except StoreError as e:
@@ -200,7 +215,6 @@ def derive_cmd(
         fail(str(e), 1)
     if not cells:
         fail(f"no cell has {min_runs} or more ok runs in {', '.join(map(str, results))}", 1)
-    head = header.read_text(encoding="utf-8") if header else ""
     if left_out:
         head += "".join(f"# Not gated: {w}\n" for w in left_out)
     text = to_toml(cells, derive_ratios(rows, min_runs), head)
