@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,9 +20,16 @@ out = Console()
 err = Console(stderr=True)
 
 
+def shown(text: str) -> str:
+    """`text` with control characters (C0, DEL, C1, newlines) written as escapes like `\\x1b`: a name from a shared
+    file or a command line cannot move the cursor, recolour or retitle the terminal, or split a one-line error."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in text)
+
+
 def fail(msg: str, code: int = 2) -> None:
-    """Print a one-line error and exit (2 = bad input, 1 = the run failed). `msg` is printed literally."""
-    err.print(Text.assemble(("error:", "bold red"), " ", msg), highlight=False, soft_wrap=True)
+    """Print a one-line error and exit (2 = bad input, 1 = the run failed). `msg` is printed literally, its
+    control characters escaped (`shown`): every user-given name in an error goes through here."""
+    err.print(Text.assemble(("error:", "bold red"), " ", shown(msg)), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -42,7 +42,7 @@ from bench.models import (
 )
 from bench.samples import sample_lines, write_samples
 from bench.sequential import edit_in_sequence
-from bench.store import ResultStore, ensure_dir
+from bench.store import ResultStore, ensure_cache
 from editors.base import (
     HPARAMS_DIR,
     BadValue,
@@ -561,8 +561,7 @@ def execute(
     for note in res.notes:
         log(note)
     store.ensure_writable()  # a bad --results or --cache-dir fails now, not after the run
-    if cache != results_dir:
-        ensure_dir(cache, "--cache-dir")
+    ensure_cache(cache, "--cache-dir" if cache != results_dir else "--results")
     with store.lock(res.config_hash, log):  # of two identical runs, the second waits, then finds the row
         return _execute_locked(cfg, res, store, cache, force, progress, models, log, write)
 

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from bench.cachefs import check_entry, write_entry
+from bench.cachefs import check_entry, move_aside, write_entry
 from bench.models import EditableModel, StopForward
 from bench.progress import open_progress
 from tasks.base import DATA_DIR, read_records
@@ -143,7 +143,16 @@ def _matching_meta(entry: Path, expect: dict[str, Any]) -> dict[str, Any] | None
     """The sidecar of a verified entry if it was computed with the settings `expect`; else None."""
     if not check_entry(entry, required=(TENSOR, SIDECAR)):  # absent, or broken and moved aside
         return None
-    meta = json.loads((entry / SIDECAR).read_text())
+    try:
+        meta = json.loads((entry / SIDECAR).read_text())
+    except (OSError, ValueError) as e:  # an entry without a manifest is only checked for parseable JSON
+        meta, why = None, f"{SIDECAR}: {e}"
+    else:
+        why = f"{SIDECAR} is not an object with an integer n_tokens"
+    n_tokens = meta.get("n_tokens") if isinstance(meta, dict) else None
+    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool):  # broken: moved aside and rebuilt
+        move_aside(entry, why)
+        return None
     return meta if all(meta.get(k) == v for k, v in expect.items()) else None
 
 

@@ -200,10 +200,21 @@ def _probes(req: EditRequest) -> list[tuple[str, int, str, str, str]]:
     return out
 
 
+# A probe text longer than this many characters per model position is refused before it is tokenised:
+# no tokenizer packs that many characters into each token of real text, and tokenising megabytes takes hours.
+CHARS_PER_POSITION = 64
+
+
 def _length_problem(counter: TokenCounter, req: EditRequest, max_length: int,
                     limit: int) -> tuple[str, int, str] | None:
     """(field, item, problem) of the first probe of `req` that does not fit the model, or None."""
+    chars = CHARS_PER_POSITION * limit
     for p_field, item, prompt, a_field, answer in _probes(req):
+        for f, j, text in ((p_field, item, prompt), (a_field, 0, answer)):
+            if len(text) > chars:
+                return f, j, (f"{'prompt' if f == p_field else 'answer'} is {len(text):,} characters, more than "
+                              f"the model's {limit} positions can hold ({CHARS_PER_POSITION} characters per "
+                              f"position: {chars:,})")
         n_a = counter.answer(prompt, answer)
         if n_a == 0:
             return a_field, 0, "answer tokenises to no tokens"
@@ -260,6 +271,9 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(path, None, None, "file not found")
     if path.is_dir():
         raise DataError(path, None, None, "is a directory; expected a JSON or JSON Lines file")
+    if not path.is_file():  # stat only: opening a FIFO would wait for a writer forever
+        raise DataError(path, None, None, "is not a regular file (a FIFO, socket or device); "
+                                          "expected a JSON or JSON Lines file")
     try:
         return path.read_bytes()
     except OSError as e:

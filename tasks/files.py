@@ -212,6 +212,34 @@ class FileTask(Task):
         self.data_info[f"{split}_requests"] = len(self._splits[split])
         return True
 
+    def _without_duplicates(self, reqs: list[tuple[Origin, EditRequest]],
+                            source: str) -> list[tuple[Origin, EditRequest]]:
+        """The evaluation pool without repeated edit requests (same prompt and target): one fact is edited and
+        scored once. In a user's file they are a DataError naming the count and the first; with `skip_bad`,
+        and always in the shipped and full data, every repeat after the first is dropped and counted
+        (`n_skipped`, `data_info["eval_duplicates"]`, recorded only when there are any)."""
+        first: dict[tuple[str, Any], Origin] = {}
+        keep: list[tuple[Origin, EditRequest]] = []
+        dups: list[tuple[Origin, Origin]] = []
+        for o, r in reqs:
+            key = (r.prompt, r.target)
+            if key in first:
+                dups.append((o, first[key]))
+            else:
+                first[key] = o
+                keep.append((o, r))
+        if not dups:
+            return reqs
+        if not (self.config.skip_bad or source in ("shipped", "full")):
+            o, was = dups[0]
+            raise DataError(o.path, o.index, None,
+                            f"{len(dups)} duplicate edit request(s) (same prompt and target) in the evaluation data; "
+                            f"the first repeats record {was.index}: each fact must be edited and scored once; "
+                            "remove them, or pass --skip-bad to drop the repeats")
+        self.n_skipped += len(dups)
+        self.data_info["eval_duplicates"] = len(dups)
+        return keep
+
     def _read(self, path: str | Path, skip_bad: bool) -> LoadedFile:
         if is_hub_spec(path):
             from tasks.hub_data import load_hub  # imports `datasets` only when a dataset is asked for
@@ -274,6 +302,7 @@ class FileTask(Task):
             return f, requests(f, source), source
 
         ev_file, eval_reqs, eval_source = user(cfg.data) if cfg.data else default("eval")
+        eval_reqs = self._without_duplicates(eval_reqs, eval_source)
         tr_file, train_reqs, train_source = user(cfg.train_data) if cfg.train_data else default("train")
         # Meta-training on an evaluated edit would inflate the scores; drop shared prompts.
         eval_prompts = {r.prompt for _, r in eval_reqs}

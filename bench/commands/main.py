@@ -132,6 +132,8 @@ def run(
     except R.RunFailed as e:
         err.print(f"stored as failed in {results / 'runs.jsonl'}", markup=False)
         fail(e.row.get("error", "run failed"), 1)
+    except KeyboardInterrupt:  # like `bench sweep`: 130, the shell's code for SIGINT
+        fail("interrupted; this run's result is not stored (earlier rows are intact)", 130)
     title = f"{editor} on {model} / {task}, {edits} edits, seed {seed}"
     if skipped:
         title += f"  (skipped: stored ok as run {row['run_id'][:8]}; --force reruns)"
@@ -181,6 +183,10 @@ def report(
         s = write_report(results, out_dir)
     except (ValueError, StoreError) as e:
         fail(str(e), 2)
+    except OSError as e:  # a full disk or quota while writing: the report is incomplete, the store untouched
+        where = f" {e.filename}" if e.filename else ""
+        fail(f"--out {out_dir}: could not write the report{where} ({e.strerror or e}); the result store is "
+             "unchanged, rerun bench report when there is room", 1)
     out.print(f"report: {s['ok']} ok runs ({s['failed']} failed) -> {out_dir / 'index.md'}, "
               f"{out_dir / 'index.html'}, {len(s['figures'])} figures", markup=False)
 

@@ -37,7 +37,7 @@ from bench.commands.options import (
     SequentialOpt,
 )
 from bench.progress import progress_factory
-from bench.store import ResultStore, StoreError, StoreWriteError, ensure_dir
+from bench.store import ResultStore, StoreError, StoreWriteError, ensure_cache
 
 
 @dataclass
@@ -193,8 +193,8 @@ def run_sweep(
     stored = set() if force else {r["config_hash"] for r in store.rows() if r.get("status") == "ok"}
     hashes = [resolve(c).config_hash for c in cfgs]  # raises UserError before any run
     store.ensure_writable()
-    if cache_dir is not None:
-        ensure_dir(cache_dir, "--cache-dir")
+    ensure_cache(cache_dir if cache_dir is not None else results_dir,
+                 "--cache-dir" if cache_dir is not None else "--results")
     todo = [h not in stored for h in hashes]
     models = ModelCache()
     results: list[CellResult] = []
