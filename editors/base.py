@@ -172,8 +172,8 @@ def hparams_from(cls: type, overrides: dict[str, str], defaults: dict[str, Any] 
     """
     kwargs: dict[str, Any] = dict(defaults or {})
     by_name = {f.name: f for f in dataclasses.fields(cls)}
-    for k, v in kwargs.items():
-        if k in by_name and (why := violation(cls, k, v)) is not None:
+    for k, v in kwargs.items():  # a value `--set` replaces is not the run's: not checked
+        if k in by_name and k not in overrides and (why := violation(cls, k, v)) is not None:
             raise BadValue(f"bad value in {defaults_from}: {why}")
     for k, v in overrides.items():
         if k not in by_name:
