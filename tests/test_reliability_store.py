@@ -375,6 +375,6 @@ def test_log_lines_and_paths_are_printed_literally(tmp_path, fake_runs):
     assert r.exit_code == 0 and r.output.count("[meta] step 1 [/b] done") == 2, (r.output, r.exception)
     one_line_error(cli("check", "--thresholds", str(tmp_path / "th[red]s.toml"), "--results", str(d)),
                    "th[red]s.toml")
-    one_line_error(cli("derive", "--results", str(tmp_path / "x[/b]")), "x[/b]", code=1)
+    one_line_error(cli("derive", "--results", str(tmp_path / "x[/b]")), "x[/b]")  # no such folder: bad input
     r = cli("report", "--results", str(d), "--out", str(tmp_path / "out[/b]"))
     assert r.exit_code == 0 and "out[/b]" in r.output.replace("\n", ""), (r.output, r.exception)
