@@ -67,7 +67,9 @@ ROME_FIELDS = {"prompt": "requested_rewrite.prompt", "target": "requested_rewrit
 class CounterFactConfig(TaskConfig):
     """CounterFact options: the shared data options and `source` (the target is always target_new)."""
 
-    source: str = "auto"  # "shipped" EasyEdit files, "full" ROME counterfact.json, "auto": full when cached or reachable
+    # "shipped" EasyEdit files (the default: offline), "full" ROME counterfact.json, "auto": full when cached
+    # or reachable (an explicit choice; the only source that probes the network)
+    source: str = "shipped"
 
 
 def check_easyedit(path: str | Path, i: int, rec: Any) -> None:

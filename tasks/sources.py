@@ -4,7 +4,9 @@
 reads the public files the ROME/MEMIT code downloads (kmeng01/rome `dsets/zsre.py`,
 `dsets/counterfact.py`: `https://rome.baulab.info/data/dsets/<name>`; kmeng01/memit names the
 same files under `https://memit.baulab.info`); `auto` is `full` when those files are cached or
-their server answers, the shipped subset otherwise.
+their server answers, the shipped subset otherwise. The default is `shipped`: a run with no
+`source` never opens a network connection and gives the same row on every machine; `full` and
+`auto` are what a user asks for, and only `auto` probes the server (it uses the answer).
 
 This module only describes the files and checks reachability. Fetching, caching and verifying
 them is `bench/download.py` (it uses the cache entries of `bench/cachefs.py`; `tasks` never

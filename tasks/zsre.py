@@ -37,7 +37,9 @@ class ZsreConfig(TaskConfig):
     """zsRE options: which answer is the edit target, and which data (`source`, tasks/sources.py)."""
 
     target: str = "answers"  # "answers" = answers[0] (correct answer, MALMEN/MEMIT); "alt" = alternative
-    source: str = "auto"  # "shipped" subset, "full" public files, "auto": full when cached or reachable
+    # "shipped" subset (the default: offline, the same everywhere), "full" public files, "auto": full when
+    # cached or reachable (an explicit choice; the only source that probes the network)
+    source: str = "shipped"
 
 
 def as_question(loc: str) -> str:

@@ -16,9 +16,10 @@ from bench.machine import pin_numeric_env
 
 # Before anything imports torch: the tests run the same kernels as CI on any machine (bench/machine.py).
 pin_numeric_env()
-# The tests run on the shipped data on every machine, online or not: `source=auto` would otherwise
-# download the full zsRE / CounterFact files where the network answers (tasks/sources.py).
-# Inherited by the CLI subprocesses; tests/test_data_sources.py lifts it to test downloads.
+# The tests run on the shipped data on every machine, online or not: the default source is `shipped`,
+# and a test that asks for `source=auto` must not download the full zsRE / CounterFact files where the
+# network answers (tasks/sources.py). Inherited by the CLI subprocesses; tests/test_data_sources.py and
+# tests/test_offline_default.py lift it.
 os.environ.setdefault("EDITBENCH_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]

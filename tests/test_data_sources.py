@@ -160,7 +160,7 @@ def test_full_zsre_is_downloaded_once_recorded_and_reused(server, tmp_path):
     assert len(server.hits) == 2  # reused: no second request
     assert again.config_hash == res.config_hash and not [n for n in again.notes if "downloaded" in n]
     assert [n for n in again.notes if "uses the full data" in n and "40 training / 30 evaluation" in n]
-    auto = resolve(zsre_cfg(), tmp_path)  # auto: cached full files win, and hash like source=full
+    auto = resolve(zsre_cfg(overrides={"source": "auto"}), tmp_path)  # cached full files win, hash like full
     assert auto.config_hash == res.config_hash and len(server.hits) == 2
     shipped = resolve(zsre_cfg(overrides={"source": "shipped"}), tmp_path)
     assert variant_diff(res.config) == {} and data_id(res.config) != data_id(shipped.config)  # told apart by data
@@ -170,7 +170,7 @@ def test_cached_full_files_are_used_offline(server, tmp_path, monkeypatch):
     full = resolve(zsre_cfg(overrides={"source": "full"}), tmp_path)
     server.close()
     monkeypatch.setenv("EDITBENCH_OFFLINE", "1")
-    assert resolve(zsre_cfg(), tmp_path).config_hash == full.config_hash
+    assert resolve(zsre_cfg(overrides={"source": "auto"}), tmp_path).config_hash == full.config_hash
 
 
 def test_a_changed_remote_file_is_an_error_and_is_not_cached(server, tmp_path):
@@ -281,7 +281,7 @@ def test_download_command_prints_sizes_sha256_and_counts(server, tmp_path, capsy
 
 def test_offline_auto_uses_the_shipped_subset_with_a_notice_and_the_old_hash(tmp_path):
     t0 = time.perf_counter()
-    res = resolve(zsre_cfg(), tmp_path)  # tests run with EDITBENCH_OFFLINE=1 (conftest)
+    res = resolve(zsre_cfg(overrides={"source": "auto"}), tmp_path)  # tests run with EDITBENCH_OFFLINE=1
     assert time.perf_counter() - t0 < 5
     notes = [n for n in res.notes if "shipped subset" in n]
     assert len(notes) == 1 and "400 training / 600 evaluation" in notes[0] and "EDITBENCH_OFFLINE=1" in notes[0]
@@ -303,7 +303,7 @@ def test_auto_with_an_unreachable_server_falls_back_at_once(tmp_path, monkeypatc
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("EDITBENCH_DATA_URL", f"http://127.0.0.1:{port}/dsets")
     t0 = time.perf_counter()
-    res = resolve(zsre_cfg(), tmp_path)
+    res = resolve(zsre_cfg(overrides={"source": "auto"}), tmp_path)
     assert time.perf_counter() - t0 < 5
     assert any("not reachable" in n and "shipped subset" in n for n in res.notes)
     with pytest.raises(UserError, match="source=full.*cannot be downloaded.*source=shipped"):

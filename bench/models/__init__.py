@@ -491,6 +491,7 @@ def load_model(ctx: LoadContext) -> EditableModel:
     """Load an alias, a local folder or a Hugging Face id as an EditableModel."""
     if ctx.name in MODEL_ALIASES:
         em = _call(MODEL_ALIASES[ctx.name].loader, ctx)
+        em.info.update(alias_weights(ctx.name, em.model))
     elif ctx.task_kind == "cls":
         em = _call("bench.models.classifier:load_hf_classifier", ctx)
     else:
@@ -506,6 +507,14 @@ def load_model(ctx: LoadContext) -> EditableModel:
     em.model.eval()
     em.info.setdefault("model_key", em.key)  # which weights the row's numbers come from (cache keys use it)
     return em
+
+
+def alias_weights(alias: str, model: nn.Module) -> dict[str, Any]:
+    """The built-in model's weights digest and whether it is the reference one (bench/models/pinned.py)."""
+    from bench.models.pinned import reference_sha256, state_sha256
+
+    digest, ref = state_sha256(model), reference_sha256(alias)
+    return {"weights_sha256": digest, "weights_reference": None if ref is None else digest == ref}
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

@@ -32,6 +32,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,14 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from bench.cachefs import check_entry, locked, write_entry
 from bench.models import EditableModel, LoadContext, ModelLoadError, arch_of, model_identity
+from bench.models.pinned import NUMERICS, child_progress, state_sha256, train_pinned
 from bench.progress import open_progress
 from bench.threads import torch_threads
 
 LABELS: tuple[str, str] = ("SUPPORTS", "REFUTES")
-FORMAT = 1  # bump when the training code changes what a given config produces
+# Bump when the training code changes what a given config produces. 2: trained in a child process under
+# the pinned numerics (bench/models/pinned.py), the same bits on every x86-64 machine.
+FORMAT = 2
 SIDECAR = "classifier.json"
 WEIGHTS = "model.safetensors"
 REQUIRED = (SIDECAR, WEIGHTS)  # files a cached classifier entry must have
@@ -194,17 +198,21 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps({"format": FORMAT, **parts}, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def save_classifier(out: Path, model: CLSClassifier, tok: Any, record: dict[str, Any]) -> None:
-    """Write weights (safetensors), encoder config, tokenizer and sidecar as one cache entry at `out`."""
+def _write_classifier(tmp: Path, model: CLSClassifier, tok: Any, record: dict[str, Any]) -> None:
+    """Write weights (safetensors), encoder config, tokenizer and sidecar into the entry folder `tmp`."""
     from safetensors.torch import save_file
 
-    def fill(tmp: Path) -> None:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
-        model.config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / SIDECAR).write_text(json.dumps(record, indent=1, sort_keys=True))
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
+    model.config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / SIDECAR).write_text(json.dumps(record, indent=1, sort_keys=True))
 
-    write_entry(out, fill)
+
+def _fill(train_fn: Callable[[], tuple[CLSClassifier, Any, dict[str, Any]]], tmp: Path) -> None:
+    """Train (in the pinned child) and write the entry, the weights' digest in its sidecar."""
+    model, tok, record = train_fn()
+    record.update({"weights_sha256": state_sha256(model), "numerics": NUMERICS})
+    _write_classifier(tmp, model, tok, record)
 
 
 def load_classifier(out: Path) -> tuple[CLSClassifier, Any, dict[str, Any]]:
@@ -223,16 +231,17 @@ def cached_classifier(out: Path, train_fn: Callable[[], tuple[CLSClassifier, Any
                       ) -> tuple[CLSClassifier, Any, dict[str, Any], bool]:
     """Load `out`, or run `train_fn` and save its result there first; the flag says if it was cached.
 
-    A broken entry (truncated weights, missing sidecar, changed file) is moved aside with a warning
-    and trained again."""
+    `train_fn` must be picklable (a `functools.partial` of a module-level function): it runs in a
+    child process under the pinned numerics (bench/models/pinned.py). A broken entry (truncated
+    weights, missing sidecar, changed file) is moved aside with a warning and trained again."""
     if check_entry(out, REQUIRED):
         return (*load_classifier(out), True)
     with locked(out.parent / f".{out.name}.lock"):
         if not check_entry(out, REQUIRED):  # another process may have trained it while we waited
-            print(f"Fine-tuning the {out.name.rsplit('-', 1)[0]} classifier; cached in {out}")
-            model, tok, record = train_fn()
-            save_classifier(out, model, tok, record)
-            return model, tok, record, False
+            label = out.name.rsplit("-", 1)[0]
+            print(f"Fine-tuning the {label} classifier (pinned numerics, one thread); cached in {out}")
+            write_entry(out, lambda tmp: train_pinned(partial(_fill, train_fn), tmp, f"the {label} classifier"))
+            return (*load_classifier(out), False)
     return (*load_classifier(out), True)
 
 
@@ -278,8 +287,6 @@ def fever_classifier(ctx: LoadContext, name: str, source: str, base_id: dict[str
     """Fine-tune (or reuse) the encoder at `source` as a FEVER SUPPORTS/REFUTES classifier.
 
     `slug` names the cache folder and starts the model key (default: `name` made file-name safe)."""
-    from transformers import AutoTokenizer
-
     from tasks.fever import FeverTask
 
     cfg = cfg or ClassifierTrainConfig()
@@ -288,22 +295,31 @@ def fever_classifier(ctx: LoadContext, name: str, source: str, base_id: dict[str
     slug = slug or _slug(name)
     out = Path(ctx.results_dir) / "models" / f"{slug}-{key}"
 
-    def train() -> tuple[CLSClassifier, Any, dict[str, Any]]:
-        try:
-            tok = AutoTokenizer.from_pretrained(source)
-            encoder = pretrained_encoder(source)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"could not load encoder '{source}' ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:200]}); offline, use --model minilm-fever") from None
-        arch_of(encoder.config)  # refuse unsupported architectures before training
-        model = CLSClassifier(encoder, len(LABELS))
-        record = finetune(model, tok, split.train, split.val, cfg, ctx.progress, name)
-        record.update({"key": key, "base": base_id, "train": asdict(cfg), "labels": list(LABELS),
-                       "data": "fever classifier part (tasks/fever.py)", "data_sha256": split.digest()})
-        return model, tok, record
-
+    train = partial(_train_fever, source, name, base_id, cfg, key, child_progress(ctx.progress))
     model, tok, record, cached = cached_classifier(out, train)
     return _wrap(model, tok, name, key, record, cached, cfg.max_length, slug)
+
+
+def _train_fever(source: str, name: str, base_id: dict[str, Any], cfg: ClassifierTrainConfig, key: str,
+                 progress: Any) -> tuple[CLSClassifier, Any, dict[str, Any]]:
+    """Fine-tune the encoder at `source` on the FEVER classifier part (runs in the pinned child)."""
+    from transformers import AutoTokenizer
+
+    from tasks.fever import FeverTask
+
+    split = FeverTask().classifier_split()
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        encoder = pretrained_encoder(source)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load encoder '{source}' ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); offline, use --model minilm-fever") from None
+    arch_of(encoder.config)  # refuse unsupported architectures before training
+    model = CLSClassifier(encoder, len(LABELS))
+    record = finetune(model, tok, split.train, split.val, cfg, progress, name)
+    record.update({"key": key, "base": base_id, "train": asdict(cfg), "labels": list(LABELS),
+                   "data": "fever classifier part (tasks/fever.py)", "data_sha256": split.digest()})
+    return model, tok, record
 
 
 def minilm_dir() -> Path:
@@ -400,9 +416,6 @@ def tiny_bert_folder(results_dir: Path) -> Path:
 
 def load_tiny_bert(ctx: LoadContext, cfg: TinyBertConfig | None = None) -> EditableModel:
     """Model alias `tiny-bert`: a 2-layer BERT trained from scratch on synthetic true/false claims."""
-    from transformers import BertConfig, BertModel
-
-    from tasks.rephrase import WRAPPERS
     from tasks.synthetic_cls import SyntheticClsTask
 
     cfg = cfg or TinyBertConfig()
@@ -410,22 +423,30 @@ def load_tiny_bert(ctx: LoadContext, cfg: TinyBertConfig | None = None) -> Edita
     key = _tiny_bert_key(cfg, split)
     out = Path(ctx.results_dir) / "models" / f"tiny-bert-{key}"
 
-    def train() -> tuple[CLSClassifier, Any, dict[str, Any]]:
-        torch.manual_seed(cfg.seed)
-        # the vocabulary also covers the rephrasing frames, so generated rephrases are not [UNK]s
-        tok = build_word_tokenizer([t for t, _ in split.train + split.val] + list(WRAPPERS))
-        bc = BertConfig(vocab_size=len(tok), hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
-                        num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
-                        max_position_embeddings=max(64, cfg.max_length), hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, pad_token_id=tok.pad_token_id)
-        model = CLSClassifier(BertModel(bc, add_pooling_layer=False), len(LABELS))
-        tc = ClassifierTrainConfig(lr=cfg.lr, max_epochs=cfg.max_epochs, batch_size=cfg.batch_size,
-                                   max_length=cfg.max_length, seed=cfg.seed, stop_at=cfg.stop_at)
-        record = finetune(model, tok, split.train, split.val, tc, ctx.progress, "tiny-bert")
-        record.update({"key": key, "tiny_bert": asdict(cfg), "labels": list(LABELS),
-                       "data": "synthetic-cls classifier claims (tasks/synthetic_cls.py)",
-                       "data_sha256": split.digest()})
-        return model, tok, record
-
-    model, tok, record, cached = cached_classifier(out, train)
+    model, tok, record, cached = cached_classifier(out, partial(_train_tiny_bert, cfg, key, child_progress(ctx.progress)))
     return _wrap(model, tok, "tiny-bert", key, record, cached, cfg.max_length)
+
+
+def _train_tiny_bert(cfg: TinyBertConfig, key: str, progress: Any) -> tuple[CLSClassifier, Any, dict[str, Any]]:
+    """Train the tiny BERT from scratch on the synthetic-cls claims (runs in the pinned child)."""
+    from transformers import BertConfig, BertModel
+
+    from tasks.rephrase import WRAPPERS
+    from tasks.synthetic_cls import SyntheticClsTask
+
+    split = SyntheticClsTask().classifier_split()
+    torch.manual_seed(cfg.seed)
+    # the vocabulary also covers the rephrasing frames, so generated rephrases are not [UNK]s
+    tok = build_word_tokenizer([t for t, _ in split.train + split.val] + list(WRAPPERS))
+    bc = BertConfig(vocab_size=len(tok), hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+                    num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
+                    max_position_embeddings=max(64, cfg.max_length), hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0, pad_token_id=tok.pad_token_id)
+    model = CLSClassifier(BertModel(bc, add_pooling_layer=False), len(LABELS))
+    tc = ClassifierTrainConfig(lr=cfg.lr, max_epochs=cfg.max_epochs, batch_size=cfg.batch_size,
+                               max_length=cfg.max_length, seed=cfg.seed, stop_at=cfg.stop_at)
+    record = finetune(model, tok, split.train, split.val, tc, progress, "tiny-bert")
+    record.update({"key": key, "tiny_bert": asdict(cfg), "labels": list(LABELS),
+                   "data": "synthetic-cls classifier claims (tasks/synthetic_cls.py)",
+                   "data_sha256": split.digest()})
+    return model, tok, record

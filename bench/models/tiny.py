@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,15 @@ from torch import nn
 from bench.cachefs import ensure_entry
 from bench.machine import cpu_env
 from bench.models import EditableModel, LoadContext
+from bench.models.pinned import NUMERICS, child_progress, state_sha256, train_pinned
 from bench.progress import open_progress
 from bench.threads import torch_threads
 from tasks.synthetic import SyntheticConfig, World, build_world
 
 SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
-FORMAT = 2  # bump when the training code changes what a given config produces
+# Bump when the training code changes what a given config produces. 3: trained in a child process under
+# the pinned numerics (bench/models/pinned.py), the same bits on every x86-64 machine.
+FORMAT = 3
 META = "tiny.json"  # the training record (sidecar) of a cached model
 
 
@@ -251,24 +255,34 @@ def load_tiny(results_dir: Path, spec: TinySpec | None = None, progress: Any = N
 
     spec = spec or TinySpec()
     model, tok, info = load_or_train(model_dir(results_dir, spec), f"tiny-gpt2 ({spec.key()})",
-                                     lambda: train_tiny(spec, progress), GPT2LMHeadModel)
+                                     partial(train_tiny, spec, child_progress(progress)), GPT2LMHeadModel)
     return _wrap(model, tok, spec.key(), info)
 
 
 INFO_KEYS = ("acc_template0", "acc_rephrase", "acc_counterfactual", "train_s", "train_cpu_s", "epochs", "n_params")
 
 
+def _fill(train: Callable[[], tuple[EditableModel, dict[str, Any]]], tmp: Path) -> None:
+    """Train (in the pinned child) and write the entry's files: weights, tokenizer, sidecar with their digest."""
+    em, record = train()
+    record.update({"weights_sha256": state_sha256(em.model), "numerics": NUMERICS})
+    em.model.save_pretrained(tmp, safe_serialization=True)
+    em.tokenizer.save_pretrained(tmp)
+    (tmp / META).write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
 def load_or_train(out: Path, label: str, train: Callable[[], tuple[EditableModel, dict[str, Any]]],
                   model_cls: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Model, tokenizer and info of the cache entry `out`, training (`train`) and saving it first if missing or broken."""
+    """Model, tokenizer and info of the cache entry `out`, training and saving it first if missing or broken.
+
+    `train` must be picklable (a `functools.partial` of a module-level function): it runs in a child
+    process under the pinned numerics (bench/models/pinned.py).
+    """
     from transformers import PreTrainedTokenizerFast
 
     def fill(tmp: Path) -> None:
-        print(f"Training {label} on the synthetic world; cached in {out}")
-        em, record = train()
-        em.model.save_pretrained(tmp, safe_serialization=True)
-        em.tokenizer.save_pretrained(tmp)
-        (tmp / META).write_text(json.dumps(record, indent=1, sort_keys=True))
+        print(f"Training {label} on the synthetic world (pinned numerics, one thread); cached in {out}")
+        train_pinned(partial(_fill, train), tmp, label)
 
     ensure_entry(out, fill, required=(META, "model.safetensors"))  # locked: parallel processes train once
     record = json.loads((out / META).read_text())
