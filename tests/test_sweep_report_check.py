@@ -250,10 +250,14 @@ def threshold(m: int, es_min: float, extra: str = "") -> str:
 def test_check_fails_above_and_passes_below_the_measured_value(built, tmp_path):
     d = built["dir"]
     es = newest_default(d, 4)["metrics"]["es"]
-    above = write(tmp_path, threshold(4, es + 0.01))
+    # es is a fraction and bounds outside [0, 1] are refused: near an end, the bound 0.01 away is a max
+    def bound(op: str, v: float) -> str:
+        return threshold(4, v) if op == "min" else threshold(4, 0.0).replace("min = { es = 0.0 }", f"max = {{ es = {v!r} }}")
+
+    above = write(tmp_path, bound("min", es + 0.01) if es <= 0.99 else bound("max", es - 0.01))
     r = cli("check", "--thresholds", str(above), "--results", str(d))
     assert r.exit_code == 1 and "FAIL" in r.output
-    below = write(tmp_path, threshold(4, es - 0.01))
+    below = write(tmp_path, bound("min", es - 0.01) if es >= 0.01 else bound("max", es + 0.01))
     r = cli("check", "--thresholds", str(below), "--results", str(d))
     assert r.exit_code == 0 and "FAIL" not in r.output and "pass" in r.output
     # the measured value is the newest row of the selected variant (not the newer epochs=2 run)
