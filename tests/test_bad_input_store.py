@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 
 from bench.store import ResultStore, parse_row
-from tests.test_reliability_store import PHASES, REPO, RUN, SWEEP, cli, fake_runs, good_rows, one_line_error  # noqa: F401
+from tests import test_reliability_store as store_tests
+from tests.test_reliability_store import PHASES, REPO, RUN, SWEEP, cli, good_rows, one_line_error
 from tests.test_tasks_data import write_jsonl, zsre_rec
+
+fake_runs = store_tests.fake_runs  # the fixture: `execute` with a stand-in model and fixed phase results
 
 # ---------------------------------------------------------------- 1. rows of the wrong types are skipped
 
