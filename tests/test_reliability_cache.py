@@ -145,28 +145,31 @@ def test_truncated_tiny_model_is_moved_aside_and_retrained(tmp_path):
     assert all(torch.equal(s1[k], s2[k]) for k in s1)  # retrained: the same weights (fixed seed)
 
 
-def test_truncated_classifier_is_moved_aside_and_refit(tmp_path):
+def _tiny_classifier():
+    """A one-layer BERT classifier (module level: cached_classifier trains in a pinned child process)."""
     from transformers import BertConfig, BertModel
 
-    from bench.models.classifier import CLSClassifier, cached_classifier
+    from bench.models.classifier import CLSClassifier
 
-    calls = []
+    tok = word_tokenizer()
+    bc = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=32, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    return CLSClassifier(BertModel(bc, add_pooling_layer=False), 2), tok, {"labels": ["SUPPORTS", "REFUTES"]}
 
-    def train():
-        calls.append(1)
-        tok = word_tokenizer()
-        bc = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64, pad_token_id=0)
-        torch.manual_seed(0)
-        return CLSClassifier(BertModel(bc, add_pooling_layer=False), 2), tok, {"labels": ["SUPPORTS", "REFUTES"]}
+
+def test_truncated_classifier_is_moved_aside_and_refit(tmp_path):
+    from bench.models.classifier import cached_classifier
 
     out = tmp_path / "models" / "cls-abc"
-    cached_classifier(out, train)
+    assert cached_classifier(out, _tiny_classifier)[3] is False  # trained
+    first = json.loads((out / "classifier.json").read_text())["weights_sha256"]
     _truncate(out / "model.safetensors")
     with pytest.warns(CacheWarning, match=str(out)):
-        _, _, _, cached = cached_classifier(out, train)
-    assert cached is False and len(calls) == 2 and len(_broken_siblings(out)) == 1
-    assert cached_classifier(out, train)[3] is True and len(calls) == 2
+        _, _, _, cached = cached_classifier(out, _tiny_classifier)
+    assert cached is False and len(_broken_siblings(out)) == 1  # trained again
+    assert json.loads((out / "classifier.json").read_text())["weights_sha256"] == first  # the same bits
+    assert cached_classifier(out, _tiny_classifier)[3] is True
 
 
 # -- model identity by content ------------------------------------------------------------------
