@@ -136,4 +136,4 @@ def cuda_smoke(session: nox.Session) -> None:
 
     Uses the current environment (the lock pins torch's CPU wheel); exits 3 without a CUDA device.
     """
-    session.run("python", "-m", "bench.cuda_smoke", *session.posargs)
+    session.run("python", "-m", "bench.diagnostics.cuda_smoke", *session.posargs)

@@ -14,14 +14,14 @@ failed (its row is stored as failed). `overrides={"lr": "1e-4"}` is `--set lr=1e
 
 from typing import Any
 
-from bench.config import RunConfig
+from bench.core.config import RunConfig
 
 __all__ = ["RunConfig", "RunFailed", "UserError", "execute", "resolve", "run_one"]
 
 
 def __getattr__(name: str) -> Any:  # torch is imported on first use, not by `import bench`
     if name in ("RunFailed", "UserError", "execute", "resolve", "run_one"):
-        from bench import run
+        from bench.runner import run
 
         return getattr(run, name)
     raise AttributeError(f"module 'bench' has no attribute {name!r}")

@@ -47,7 +47,7 @@ class Edit:
     """Additive weight shifts produced by one batch edit, plus diagnostics."""
 
     deltas: dict[str, Tensor]  # parameter name -> additive shift in the parameter's own layout
-    mean_residual: float | None = None  # see bench.metrics / DESIGN.md; None where undefined
+    mean_residual: float | None = None  # see bench.evaluation.metrics / DESIGN.md; None where undefined
     info: dict[str, Any] = field(default_factory=dict)  # editor-specific diagnostics for the row
 
     @contextlib.contextmanager
@@ -85,7 +85,7 @@ class EditorContext:
     task_key: str = ""  # identifies the training data (task + data file hash), for cache keys
     model_key: str = ""  # identifies the model weights, for cache keys
     n_edits: int = 0  # the run's --edits (hyper-network editors meta-train at it by default); 0: unknown
-    progress: Callable[..., Any] | None = None  # bench.progress factory; None = silent
+    progress: Callable[..., Any] | None = None  # bench.core.progress factory; None = silent
     log: Callable[[str], None] = print
 
 
@@ -95,10 +95,10 @@ class Editor(ABC):
     name: ClassVar[str]
     hparams_cls: ClassVar[type]
     meta_trains: ClassVar[bool] = False  # prepare() learns from the task's train split
-    # Task/model kinds ("lm" causal LM, "cls" classifier) it can edit; `bench.run.resolve` checks it
+    # Task/model kinds ("lm" causal LM, "cls" classifier) it can edit; `bench.runner.run.resolve` checks it
     # before any model loads (a classifier alias is trained first, minutes lost before a refusal).
     supported_kinds: ClassVar[frozenset[str]] = frozenset({"lm", "cls"})
-    # Whether it edits encoder-decoder LMs (T5); checked before a built-in model loads (bench.run.check_fit)
+    # Whether it edits encoder-decoder LMs (T5); checked before a built-in model loads (bench.runner.run.check_fit)
     # and, for a Hugging Face id, by the editor itself once the model is loaded.
     edits_seq2seq: ClassVar[bool] = True
 

@@ -1,6 +1,6 @@
 """Hyper-network checkpoints: safetensors weights + JSON sidecar under `<cache>/checkpoints/<hash>/`.
 
-Each checkpoint is one cache entry (bench/cachefs.py): written atomically with a manifest of sha256s,
+Each checkpoint is one cache entry (bench/core/cachefs.py): written atomically with a manifest of sha256s,
 verified on load, moved aside and retrained when broken.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from bench.cachefs import check_entry, write_entry
+from bench.core.cachefs import check_entry, write_entry
 from tasks.base import EditRequest
 
 WEIGHTS = "hypernet.safetensors"
@@ -50,7 +50,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | No
 
 
 def save_checkpoint(path: Path, state: dict[str, Tensor], sidecar: dict[str, Any]) -> None:
-    """Write weights and sidecar as one cache entry (bench/cachefs.py); a valid one already there is kept."""
+    """Write weights and sidecar as one cache entry (bench/core/cachefs.py); a valid one already there is kept."""
 
     def fill(tmp: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS))

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.progress import open_progress
+from bench.core.progress import open_progress
 from editors.base import HALF_DTYPES, Edit, Editor, register_editor
 from editors.caching import full_precision
 from editors.ranges import Range, at_least, non_negative, one_of, positive
@@ -32,7 +32,7 @@ class FTHparams:
     last_n: int = 3  # blocks counted from the top
     layers: str = "ffn"  # "ffn" (both FFN linears) or "second_fc" / "first_fc"
 
-    # valid values, checked by editors.base.hparams_from (editors/ranges.py); last_n above the model's depth: bench.run.check_depth
+    # valid values, checked by editors.base.hparams_from (editors/ranges.py); last_n above the model's depth: bench.runner.run.check_depth
     RANGES: ClassVar[dict[str, Range]] = {
         "lr": positive(), "weight_decay": non_negative(), "epochs": at_least(1), "batch_size": at_least(1),
         "last_n": at_least(1), "layers": one_of("ffn", "second_fc", "first_fc"),

@@ -80,7 +80,7 @@ class MalmenHParams:
     micro_batch: int = 16  # prompts per LM forward (memory only: results do not depend on it)
     chunk: int = 1024  # cached tuples per hyper-network forward (the official editor.batch_size)
 
-    # valid values, checked by editors.base.hparams_from (editors/ranges.py); last_n above the model's depth: bench.run.check_depth
+    # valid values, checked by editors.base.hparams_from (editors/ranges.py); last_n above the model's depth: bench.runner.run.check_depth
     RANGES: ClassVar[dict[str, Range]] = {
         "layers": one_of("second_fc", "first_fc"), "last_n": at_least(1), "rank": at_least(1),
         "n_blocks": at_least(1), "block": one_of(*BLOCKS), "edit_lr": positive(), "lam_init": positive(),

@@ -62,9 +62,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from bench.metrics import relative_residual
+from bench.core.progress import open_progress
+from bench.evaluation.metrics import relative_residual
 from bench.models import EditableModel, LMBatch, StopForward
-from bench.progress import open_progress
 from editors.base import (
     Edit,
     Editor,
@@ -111,7 +111,7 @@ class MEMITHparams:
     z_cache: str = "prefix"
 
     # valid values, checked by editors.base.hparams_from (editors/ranges.py); block indices against the
-    # model's depth: bench.run.check_depth
+    # model's depth: bench.runner.run.check_depth
     RANGES: ClassVar[dict[str, Range]] = {
         "layers": int_list(0).or_none("GPT-J's blocks scaled to the model's depth"),
         "fact_token": one_of("subject_last", "last"),

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.metrics import Evaluation, agreement, evaluate, relative_residual
+from bench.core.progress import open_progress
+from bench.core.threads import torch_threads
+from bench.evaluation.metrics import Evaluation, agreement, evaluate, relative_residual
 from bench.models import EditableModel
-from bench.progress import open_progress
-from bench.threads import torch_threads
 from editors.base import Edit
 from editors.caching import (
     PrefixReuse,

@@ -11,7 +11,7 @@ reports a failure as a one-line error (exit 2) before any model loads, e.g.
 registered editor has a range and that every default and every shipped per-model value is in it.
 
 What depends on the model (a `last_n` above the model's depth, MEMIT block indices) is checked
-by `bench.run.check_depth` once the depth is known (bench/depth.py).
+by `bench.runner.run.check_depth` once the depth is known (bench/runner/depth.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ moment of the keys the layer already stores, estimated over generic text (the ME
 uses 100,000 Wikipedia samples). Here every non-padding token of every corpus text contributes
 one key; the sum of outer products is accumulated in float64 and divided by the token count.
 
-Cache layout (never pickle, never downloaded): one cache entry (bench/cachefs.py) per layer,
+Cache layout (never pickle, never downloaded): one cache entry (bench/core/cachefs.py) per layer,
 `<results_dir>/stats/<model-key-sanitised>/<layer>/<corpus>-<n>/`, holding `mom2.safetensors`
 (`mom2`, float32 as MEMIT's `mom2_dtype`), a JSON sidecar `mom2.json` naming the model key, layer,
 corpus digest, text count, token count and truncation length, and the manifest with both files'
@@ -34,9 +34,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from bench.cachefs import check_entry, move_aside, write_entry
+from bench.core.cachefs import check_entry, move_aside, write_entry
+from bench.core.progress import open_progress
 from bench.models import EditableModel, StopForward
-from bench.progress import open_progress
 from tasks.base import DATA_DIR, read_records
 
 # Bump when the way statistics are computed changes. The lean pass (float32 per batch, stopping after
@@ -114,7 +114,7 @@ SIDECAR = "mom2.json"
 
 
 def stats_entry(results_dir: Path, model_key: str, layer: str, corpus: str, n: int) -> Path:
-    """The cache entry (bench/cachefs.py) holding the statistics of one layer."""
+    """The cache entry (bench/core/cachefs.py) holding the statistics of one layer."""
     return Path(results_dir) / "stats" / sanitise(model_key) / layer / f"{corpus}-{n}"
 
 

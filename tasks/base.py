@@ -28,7 +28,7 @@ class EditRequest:
     locality_prompt: str
     locality_answer: str
     subject: str | None = None
-    # CounterFact's probability scores (bench.counterfact_scores): the true object the edit replaces,
+    # CounterFact's probability scores (bench.evaluation.counterfact_scores): the true object the edit replaces,
     # every neighbourhood prompt (answered with target_true) and the fluency generation prompts.
     target_true: str | None = None
     neighborhood_prompts: tuple[str, ...] = ()

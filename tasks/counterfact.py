@@ -34,7 +34,8 @@ from tasks.base import (
     read_records,
     register_task,
 )
-from tasks.files import FileTask, LoadedFile, RecordFormat, check_nested
+from tasks.files import FileTask
+from tasks.records import LoadedFile, RecordFormat, check_nested
 from tasks.sources import RemoteFile
 
 EASYEDIT_SPEC = [

@@ -64,7 +64,7 @@ from tasks.base import (
     register_task,
     validate_records,
 )
-from tasks.files import file_sha256
+from tasks.records import file_sha256
 from tasks.rephrase import rephrase
 
 FEVER_FILE = DATA_DIR / "fever" / "paper_dev.jsonl"

@@ -11,10 +11,8 @@ copies (`downloaded=`); `hf:` data (tasks/hub_data.py) goes through the same val
 
 from __future__ import annotations
 
-import hashlib
 from abc import abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,108 +20,14 @@ from tasks.base import (
     DATA_DIR,
     DataError,
     EditRequest,
-    Field,
     Origin,
     Task,
-    Unparsed,
-    check_record,
-    read_records,
     split_indices,
 )
+from tasks.records import LoadedFile, RecordFormat, load_file
 from tasks.sources import DEFAULT_ROOT, RemoteFile, check_source, is_hub_spec
 
 SPLIT_SEED = 1234  # fixed so that splits never depend on the run seed
-
-
-@dataclass(frozen=True)
-class RecordFormat:
-    """One accepted record schema: how to recognise, validate and convert its records."""
-
-    name: str
-    marker_fields: tuple[str, ...]  # all present in a file's first record -> this format
-    check: Callable[[str | Path, int, Any], None]
-    convert: Callable[[dict], EditRequest]
-    # EditRequest field -> the record's field, for errors found after conversion ("[]": list item)
-    fields: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class LoadedFile:
-    """The valid requests of one data file and where they came from."""
-
-    path: Path
-    sha256: str | None  # None for a Hub dataset: its `info["revision"]` identifies the content
-    n_records: int
-    format: str
-    indices: list[int]  # position in the file of each request
-    requests: list[EditRequest]
-    skipped: int
-    fields: dict[str, str] = field(default_factory=dict)  # RecordFormat.fields of its format
-    info: dict[str, Any] = field(default_factory=dict)  # extra provenance (url, dataset revision) for data_info
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def check_nested(path: str | Path, index: int, rec: dict, key: str, spec: Sequence[Field]) -> None:
-    """Validate the object under `rec[key]`; errors name the dotted field (e.g. 'a.b')."""
-    sub = rec.get(key)
-    if sub is None:
-        raise DataError(path, index, key, "missing field")
-    if not isinstance(sub, dict):
-        raise DataError(path, index, key, f"expected an object, got {type(sub).__name__}")
-    try:
-        check_record(path, index, sub, spec)
-    except DataError as e:
-        raise DataError(path, index, f"{key}.{e.field_name}", e.problem) from None
-
-
-def detect_format(path: Path, records: Sequence[Any], formats: Sequence[RecordFormat], task: str) -> RecordFormat:
-    """The format whose marker fields the file's first readable record has; a clear error otherwise."""
-    at, first = next(((i, r) for i, r in enumerate(records) if not isinstance(r, Unparsed)), (0, records[0]))
-    if isinstance(first, Unparsed):
-        raise DataError(path, None, None, f"no line could be read; the first: {first.problem}")
-    if not isinstance(first, dict):
-        raise DataError(path, at, None, f"record is {type(first).__name__}, expected an object")
-    for fmt in formats:
-        if all(k in first for k in fmt.marker_fields):
-            return fmt
-    expected = "; ".join(f"{f.name} (fields {', '.join(f.marker_fields)})" for f in formats)
-    raise DataError(path, at, None, f"not a {task} file: first record has fields {sorted(first)}; "
-                                   f"accepted formats: {expected}")
-
-
-def load_file(path: str | Path, formats: Sequence[RecordFormat], task: str, skip_bad: bool) -> LoadedFile:
-    """Read, detect the format of, validate and convert one data file."""
-    path = Path(path)
-    records = read_records(path, skip_bad)  # first: a missing file or a folder is a DataError naming it
-    return convert_records(path, file_sha256(path), records, formats, task, skip_bad)
-
-
-def convert_records(path: Path, sha256: str | None, records: Sequence[Any], formats: Sequence[RecordFormat],
-                    task: str, skip_bad: bool) -> LoadedFile:
-    """Detect the format of, validate and convert records read from `path` (a file, or a dataset's name)."""
-    fmt = detect_format(path, records, formats, task)
-    out = LoadedFile(path, sha256, len(records), fmt.name, [], [], 0, fmt.fields)
-    for i, rec in enumerate(records):
-        try:
-            fmt.check(path, i, rec)
-        except DataError:
-            if not skip_bad:
-                raise
-            out.skipped += 1
-            continue
-        out.indices.append(i)
-        out.requests.append(fmt.convert(rec))
-    if not out.requests:
-        raise DataError(path, None, None, f"no valid records ({out.skipped} skipped)")
-    return out
 
 
 def _rel(path: Path) -> str:
@@ -140,7 +44,7 @@ class FileTask(Task):
     shipped_train: ClassVar[str]  # path under tasks/data/
     shipped_eval: ClassVar[str]  # same path as shipped_train: split it by `train_fraction`
     train_fraction: ClassVar[float] = 0.4
-    # The public full data (`source=full`, tasks/sources.py); bench/download.py fetches it.
+    # The public full data (`source=full`, tasks/sources.py); bench/runner/download.py fetches it.
     full_files: ClassVar[tuple[RemoteFile, ...]] = ()
     full_split: ClassVar[str] = ""  # how a full file with role "both" is split, for data_info["split"]
 
@@ -170,7 +74,7 @@ class FileTask(Task):
         if source == "full" and uses_defaults and not self.downloaded:
             raise ValueError(f"{self.name}: source=full needs the downloaded files "
                              f"({', '.join(f.name for f in self.full_files) or 'none defined'}); "
-                             "bench run fetches them (bench/download.py)")
+                             "bench run fetches them (bench/runner/download.py)")
 
     def _full_path(self, role: str) -> Path:
         """The local copy of the full file that feeds `role` ("train" or "eval")."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.base import DataError
-from tasks.files import LoadedFile, RecordFormat, convert_records, file_sha256
+from tasks.records import LoadedFile, RecordFormat, convert_records, file_sha256
 from tasks.sources import HF_PREFIX, offline_reason, reachable
 
 

@@ -9,7 +9,7 @@ their server answers, the shipped subset otherwise. The default is `shipped`: a 
 `auto` are what a user asks for, and only `auto` probes the server (it uses the answer).
 
 This module only describes the files and checks reachability. Fetching, caching and verifying
-them is `bench/download.py` (it uses the cache entries of `bench/cachefs.py`; `tasks` never
+them is `bench/runner/download.py` (it uses the cache entries of `bench/core/cachefs.py`; `tasks` never
 imports `bench`), which hands the local copies to the task (`FileTask(config, downloaded=...)`).
 Standard library only.
 """

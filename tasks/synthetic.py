@@ -1,7 +1,7 @@
 """A generated fact world: made-up entities, four relations, paraphrase templates, counterfactual edits.
 
 The world is fixed by `world_seed` alone (never by the run seed), so the tiny GPT-2 trained on it
-(`bench/models/tiny.py`) and every run agree on what is true. Each entity has one value per relation.
+(`bench/zoo/tiny.py`) and every run agree on what is true. Each entity has one value per relation.
 Entities are of two kinds:
 
 - *edit entities*: their facts are split, by fact, into a train split (meta-training) and an

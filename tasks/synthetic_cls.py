@@ -5,7 +5,7 @@ the fact's true value the gold label is SUPPORTS, with its counterfactual value 
 edit request states one fact (true or counterfactual value, chosen by a fixed per-fact coin),
 asks for the opposite label (as `fever` does), rephrases it with the world's other templates and
 carries a claim about a never-edited locality entity with its gold label. The `tiny-bert` model
-(`bench.models.classifier`) is trained on the claims of `classifier_split()`, which covers every fact of
+(`bench.zoo.classifier`) is trained on the claims of `classifier_split()`, which covers every fact of
 the world (like the paper's classifier, which saw the edit claims during fine-tuning).
 """
 

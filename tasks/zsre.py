@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.base import DataError, EditRequest, Field, TaskConfig, check_record, is_blank, register_task
-from tasks.files import FileTask, RecordFormat
+from tasks.files import FileTask
+from tasks.records import RecordFormat
 from tasks.sources import RemoteFile
 
 NQ_PREFIX = "nq question: "

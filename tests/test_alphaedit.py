@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.metrics import evaluate
+from bench.evaluation.metrics import evaluate
 from editors.alphaedit import AlphaEdit, AlphaEditHparams, null_space_projector, projected_update
 from editors.base import EditorContext, model_defaults
 from editors.stats import LayerStats

@@ -1,8 +1,8 @@
 """Bad hyperparameter, seed and `bench keys` values: one-line errors, exit 2, before any model loads and no row stored.
 
 The ranges are declared next to each hyperparameter dataclass (`RANGES`, editors/ranges.py) and
-checked by `editors.base.hparams_from`; the model's depth (bench/depth.py) bounds an explicit
-`last_n` and MEMIT's block indices in `bench.run.resolve`.
+checked by `editors.base.hparams_from`; the model's depth (bench/runner/depth.py) bounds an explicit
+`last_n` and MEMIT's block indices in `bench.runner.run.resolve`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import pytest
 from typer.testing import CliRunner
 
 import bench.models
-import bench.run
+import bench.runner.run
 import editors
 import editors.base
 from bench.cli import app
-from bench.depth import ALIAS_DEPTHS, config_depth, model_depth
+from bench.runner.depth import ALIAS_DEPTHS, config_depth, model_depth
 from editors.base import HPARAMS_DIR, hparams_from, model_defaults
 from editors.ranges import BadValue, bad_fields, ranges_of
 
@@ -35,7 +35,7 @@ def no_model_load(monkeypatch):
 
     monkeypatch.setattr(bench.models, "load_model", boom)
     monkeypatch.setattr(bench.models, "_call", boom)
-    monkeypatch.setattr(bench.run, "load_model", boom)
+    monkeypatch.setattr(bench.runner.run, "load_model", boom)
 
 
 def cli(*args: str):
@@ -131,7 +131,7 @@ def test_bad_value_in_the_per_model_file_names_the_file(no_model_load, tmp_path,
     (hp_dir / "ft").mkdir(parents=True)
     (hp_dir / "ft" / "tiny-gpt2.json").write_text('{"_why": "test", "lr": NaN, "epochs": 10}')
     monkeypatch.setattr(editors.base, "HPARAMS_DIR", hp_dir)
-    monkeypatch.setattr(bench.run, "HPARAMS_DIR", hp_dir)
+    monkeypatch.setattr(bench.runner.run, "HPARAMS_DIR", hp_dir)
     r = cli("run", "--editor", "ft", "--model", "tiny-gpt2", "--task", "synthetic", "--edits", "8",
             "--results", str(tmp_path / "res"))
     assert r.exit_code == 2, r.output
@@ -192,9 +192,9 @@ def test_depths_known_before_loading():
 def test_depth_of_a_local_folder_comes_from_its_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 3}))
     assert model_depth(str(tmp_path)) == 3
-    with pytest.raises(bench.run.UserError, match=r"last_n=5 is more than the 3 blocks"):
-        bench.run.check_depth(str(tmp_path), editors.EDITORS["ft"].hparams_cls(last_n=5), {"last_n": "--set value"})
-    bench.run.check_depth(str(tmp_path), editors.EDITORS["ft"].hparams_cls(last_n=5), {})  # the default: not checked
+    with pytest.raises(bench.runner.run.UserError, match=r"last_n=5 is more than the 3 blocks"):
+        bench.runner.run.check_depth(str(tmp_path), editors.EDITORS["ft"].hparams_cls(last_n=5), {"last_n": "--set value"})
+    bench.runner.run.check_depth(str(tmp_path), editors.EDITORS["ft"].hparams_cls(last_n=5), {})  # the default: not checked
 
 
 # ------------------------------------------------------------------ bench keys

@@ -123,7 +123,7 @@ def test_a_bound_outside_the_range_of_its_quantity_is_refused(tmp_path, bound, n
 
 
 def test_a_negative_ratio_bound_is_refused_and_the_shipped_thresholds_still_load(tmp_path):
-    from bench.commands.check import load_thresholds
+    from bench.results.thresholds import load_thresholds
 
     th = tmp_path / "th.toml"
     th.write_text('[[ratio]]\ntask = "synthetic"\nmodel = "tiny-gpt2"\nedits = 4\nquantity = "edit_s"\n'
@@ -223,7 +223,7 @@ def test_a_fifo_as_data_is_refused_without_opening_it(tmp_path, no_hang):
 def test_stats_entry_with_a_list_for_a_sidecar_and_no_manifest_is_rebuilt(tmp_path):
     import torch
 
-    from bench.cachefs import MANIFEST, CacheWarning
+    from bench.core.cachefs import MANIFEST, CacheWarning
     from editors.stats import SIDECAR, Corpus, layer_second_moments, stats_entry
     from tests.hyper_util import random_gpt2
 
@@ -259,7 +259,7 @@ def test_a_cache_subfolder_that_is_a_file_is_bad_input_before_the_run(tmp_path, 
 
 SIGINT_SCRIPT = """
 import json, sys, time, types
-import bench.run as R
+import bench.runner.run as R
 def phases(*a, **k):
     print("PHASE", file=sys.stderr, flush=True)
     time.sleep(60)
@@ -291,12 +291,12 @@ def test_ctrl_c_exits_130_and_keeps_the_stored_rows(tmp_path, fake_runs, cmd):
 
 
 def test_a_keyboard_interrupt_inside_a_cell_exits_130(tmp_path, fake_runs, monkeypatch):
-    import bench.run
+    import bench.runner.run
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bench.run, "_run_phases", interrupted)
+    monkeypatch.setattr(bench.runner.run, "_run_phases", interrupted)
     one_line_error(cli(*SWEEP, "--results", str(tmp_path)), "interrupted", code=130)
     one_line_error(cli(*RUN, "--results", str(tmp_path)), "interrupted", code=130)
 

@@ -1,8 +1,8 @@
 """Benchmark (pytest-benchmark; run with --benchmark-enable): one model state's evaluation on smollm2-135m,
 CounterFact, m = 64, seed 0, in one run: the teacher-forced metrics alone as separate padded forwards
-(`bench.metrics.evaluate`, the evaluation before the extra metrics existed), the same plus generation-based
+(`bench.evaluation.metrics.evaluate`, the evaluation before the extra metrics existed), the same plus generation-based
 success and CounterFact's scores as separate passes, and what `bench run` does, `evaluate_all` (each prompt
-run once, bench/prefix_eval.py) with everything on and with the extras off. A run evaluates twice (pre and
+run once, bench/evaluation/prefix_eval.py) with everything on and with the extras off. A run evaluates twice (pre and
 post), so the ratios are those of the eval phases.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.eval_extra import ExtraOptions, evaluate_all, extra_metrics
-from bench.metrics import evaluate
+from bench.evaluation.eval_extra import ExtraOptions, evaluate_all, extra_metrics
+from bench.evaluation.metrics import evaluate
 from tasks import TASKS
 
 M = 64

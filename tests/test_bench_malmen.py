@@ -2,7 +2,7 @@
 step at m = 64, 256, 1024 on tiny-gpt2, two-stage vs naive meta-gradient, with peak memory.
 
 Peak memory is `torch.cuda.max_memory_allocated` above the entry level on GPU and the sampled
-resident set above the entry level on CPU (bench.measure), stored in `benchmark.extra_info`.
+resident set above the entry level on CPU (bench.core.measure), stored in `benchmark.extra_info`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.measure import measure
+from bench.core.measure import measure
 from bench.models import LoadContext, load_model
 from editors.base import model_defaults
 from editors.malmen import MalmenEditor, MalmenHParams

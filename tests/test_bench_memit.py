@@ -2,7 +2,7 @@
 tiny-gpt2, beside MALMEN's (tests/test_bench_malmen.py) so both are timed on the same machine in one run.
 
 Only `edit()` is timed: statistics and context prefixes are prepared (and cached) before. Peak memory
-(bench.measure: CUDA allocator peak on GPU, sampled resident set on CPU) goes to `extra_info`.
+(bench.core.measure: CUDA allocator peak on GPU, sampled resident set on CPU) goes to `extra_info`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.measure import measure
+from bench.core.measure import measure
 from bench.models import LoadContext, load_model
 from editors.base import EditorContext, model_defaults
 from editors.memit import MEMIT, MEMITHparams

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.threads import torch_threads
+from bench.core.threads import torch_threads
 from editors.base import EditorContext, model_defaults
 from editors.memit import MEMIT, MEMITHparams, block_name
 

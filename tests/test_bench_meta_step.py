@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.threads import torch_threads
+from bench.core.threads import torch_threads
 from editors.base import EditorContext, model_defaults
 from editors.malmen import MalmenEditor, MalmenHParams
 from editors.meta import MetaBatch, cache_for, meta_backward

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.machine import PINNED_ENV
+from bench.core.machine import PINNED_ENV
 from bench.models import MODEL_ALIASES, LoadContext, load_model
 from bench.models.pinned import NUMERICS, REFERENCE_FILE, reference_sha256, state_sha256
 

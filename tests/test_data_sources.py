@@ -1,7 +1,7 @@
 """Where the task data comes from: the full public files (downloaded, cached, pinned), `hf:` datasets, size checks.
 
 Downloads are tested against a localhost HTTP server started here (`EDITBENCH_DATA_URL` points at
-it); nothing touches the network. Every check runs through `bench.run.resolve` or the CLI, i.e.
+it); nothing touches the network. Every check runs through `bench.runner.run.resolve` or the CLI, i.e.
 before any model loads.
 """
 
@@ -21,14 +21,14 @@ import pytest
 from typer.testing import CliRunner
 
 import bench.models
-import bench.run
-from bench.cachefs import CacheWarning
+import bench.runner.run
 from bench.cli import app
-from bench.config import RunConfig
-from bench.download import entry_dir, pin_path
-from bench.download import main as download_main
-from bench.run import UserError, resolve
-from bench.variants import data_id, variant_diff
+from bench.core.cachefs import CacheWarning
+from bench.core.config import RunConfig
+from bench.results.variants import data_id, variant_diff
+from bench.runner.download import entry_dir, pin_path
+from bench.runner.download import main as download_main
+from bench.runner.run import UserError, resolve
 from tasks.base import DATA_DIR, read_records
 from tasks.counterfact import CounterFact
 from tasks.zsre import Zsre
@@ -124,7 +124,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(bench.models, "load_model", boom)
-    monkeypatch.setattr(bench.run, "load_model", boom)
+    monkeypatch.setattr(bench.runner.run, "load_model", boom)
 
 
 def zsre_cfg(**kw) -> RunConfig:

@@ -1,4 +1,4 @@
-"""`bench derive`: thresholds computed from campaign rows by the rule in bench/commands/derive.py."""
+"""`bench derive`: thresholds computed from campaign rows by the rule in bench/results/derive.py."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.commands.check import evaluate, load_thresholds
-from bench.commands.derive import derive, success_bound, to_toml
-from bench.config import RunConfig
-from bench.run import resolve
+from bench.core.config import RunConfig
+from bench.results.derive import derive, success_bound, to_toml
+from bench.results.thresholds import evaluate, load_thresholds
+from bench.runner.run import resolve
 from bench.store import ResultStore
 
 

@@ -11,7 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from bench.models import EditableModel, LoadContext, ModelLoadError
-from bench.models.embedded import INSTALL_CMD, SIDECAR, gguf_path, load_smollm2
+from bench.zoo.embedded import INSTALL_CMD, SIDECAR, gguf_path, load_smollm2
 from editors.base import Edit
 
 # Shared with the other tests and CI: the GGUF conversion (~20 s) happens once per checkout.

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.metrics import agreement, score_lm
+from bench.evaluation.metrics import agreement, score_lm
 from bench.models import EditableModel
-from bench.models.embedded import INSTALL_CMD
+from bench.zoo.embedded import INSTALL_CMD
 from editors.base import EditorContext, hparams_from, model_defaults
 from editors.finetune import FineTune, FTHparams
 from tasks.zsre import Zsre, ZsreConfig

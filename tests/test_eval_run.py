@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import RunConfig
-from bench.run import UserError, resolve, run_one
+from bench.core.config import RunConfig
+from bench.runner.run import UserError, resolve, run_one
 
 REPO = Path(__file__).parents[1]
 TINY = dict(model="tiny-gpt2", task="synthetic", seed=0)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bench.counterfact_scores import (
+from bench.evaluation.counterfact_scores import (
     PairScores,
     answer_logprobs,
     answer_prob,
@@ -16,8 +16,8 @@ from bench.counterfact_scores import (
     ngram_entropy,
     rome_scores,
 )
-from bench.generation import generation_success, greedy_continuations, matches, normalise
-from bench.metrics import score_lm
+from bench.evaluation.generation import generation_success, greedy_continuations, matches, normalise
+from bench.evaluation.metrics import score_lm
 
 V = 6
 

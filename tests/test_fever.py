@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench.metrics import combine, evaluate
+from bench.core.threads import torch_threads
+from bench.evaluation.metrics import combine, evaluate
 from bench.models import EditableModel, LoadContext, ModelLoadError
-from bench.models.classifier import MINILM_PIP, load_tiny_bert, minilm_dir
-from bench.threads import torch_threads
+from bench.zoo.classifier import MINILM_PIP, load_tiny_bert, minilm_dir
 from editors.base import EditorContext
 from tasks.base import DataError, EditRequest
 from tasks.fever import LABELS, FeverConfig, FeverTask, flip
@@ -328,7 +328,7 @@ def test_hf_encoder_folder_is_fine_tuned_as_fever_classifier(tmp_path):
     from transformers import BertConfig, BertModel
 
     from bench.models import load_model
-    from bench.models.classifier import ClassifierTrainConfig, build_word_tokenizer, fever_classifier
+    from bench.zoo.classifier import ClassifierTrainConfig, build_word_tokenizer, fever_classifier
 
     task = FeverTask()
     tok = build_word_tokenizer([c for c, _ in task.classifier_split().train[:200]])

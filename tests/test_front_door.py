@@ -8,10 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 import bench.models
-import bench.run
+import bench.runner.run
 from bench.cli import app
-from bench.config import RunConfig
-from bench.run import UserError, resolve
+from bench.core.config import RunConfig
+from bench.runner.run import UserError, resolve
 
 runner = CliRunner()
 
@@ -25,7 +25,7 @@ def no_model_load(monkeypatch):
 
     monkeypatch.setattr(bench.models, "load_model", boom)
     monkeypatch.setattr(bench.models, "_call", boom)
-    monkeypatch.setattr(bench.run, "load_model", boom)
+    monkeypatch.setattr(bench.runner.run, "load_model", boom)
 
 
 def bench_cli(*args: str):
@@ -110,7 +110,7 @@ def test_run_dry_run_prints_plan_without_loading(no_model_load, tmp_path):
     assert not (tmp_path / "runs.jsonl").exists()
     assert r.seconds < 5
 
-    from bench.models.tiny import TinySpec, model_dir
+    from bench.zoo.tiny import TinySpec, model_dir
 
     model_dir(tmp_path, TinySpec()).mkdir(parents=True)
     row = {"run_id": "abcdef0123", "config": {}, "config_hash": h, "status": "ok", "editor": "ft",
@@ -152,17 +152,17 @@ def test_exit_codes(monkeypatch, tmp_path):
     row = {"run_id": "r1", "config_hash": "h", "metrics": {}, "times": {}}
 
     def failed(*a, **k):
-        raise bench.run.RunFailed({"error": "boom"})
+        raise bench.runner.run.RunFailed({"error": "boom"})
 
     def bad(*a, **k):
         raise UserError("bad thing")
 
     args = ["run", "--editor", "ft", "--model", "tiny-gpt2", "--task", "synthetic", "--results", str(tmp_path)]
-    monkeypatch.setattr(bench.run, "execute", lambda *a, **k: (row, False))
+    monkeypatch.setattr(bench.runner.run, "execute", lambda *a, **k: (row, False))
     assert bench_cli(*args).exit_code == 0
-    monkeypatch.setattr(bench.run, "execute", failed)
+    monkeypatch.setattr(bench.runner.run, "execute", failed)
     assert bench_cli(*args).exit_code == 1
-    monkeypatch.setattr(bench.run, "execute", bad)
+    monkeypatch.setattr(bench.runner.run, "execute", bad)
     assert bench_cli(*args).exit_code == 2
 
 
@@ -173,7 +173,7 @@ def test_run_json_prints_only_json_on_stdout(monkeypatch, tmp_path):
         print("Training tiny-gpt2 ... (a stray print of a loader)")
         return row, False
 
-    monkeypatch.setattr(bench.run, "execute", chatty)
+    monkeypatch.setattr(bench.runner.run, "execute", chatty)
     r = bench_cli("run", "--editor", "ft", "--model", "tiny-gpt2", "--task", "synthetic", "--results", str(tmp_path),
                   "--json")
     assert r.exit_code == 0, r.output
@@ -182,7 +182,7 @@ def test_run_json_prints_only_json_on_stdout(monkeypatch, tmp_path):
 
 
 def test_keys_json_prints_only_json_on_stdout(monkeypatch, tmp_path):
-    import bench.geometry
+    import bench.diagnostics.geometry
 
     class FakeModel:
         kind = "lm"
@@ -202,7 +202,7 @@ def test_keys_json_prints_only_json_on_stdout(monkeypatch, tmp_path):
         return FakeModel()
 
     monkeypatch.setattr(bench.models, "load_model", fake_load)
-    monkeypatch.setattr(bench.geometry, "key_geometry", lambda *a, **k: [Row()])
+    monkeypatch.setattr(bench.diagnostics.geometry, "key_geometry", lambda *a, **k: [Row()])
     r = bench_cli("keys", "--model", "tiny-gpt2", "--task", "synthetic", "--edits", "4", "--device", "cpu",
                   "--results", str(tmp_path), "--json")
     assert r.exit_code == 0, r.output
@@ -237,7 +237,7 @@ def test_report_missing_results_folder(tmp_path):
 
 
 def test_html_report_renders_markdown():
-    from bench.commands.report import Doc
+    from bench.results.report import Doc
 
     d = Doc()
     d.h(2, "Runs of `malmen`")

@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.geometry import energy_dims, key_geometry, reach
+from bench.diagnostics.geometry import energy_dims, key_geometry, reach
 from editors.solvers import gram, solve_spd
 
 REPO = Path(__file__).resolve().parents[1]

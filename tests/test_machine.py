@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from bench.machine import PINNED_ENV, cpu_env, cpu_flags, math_libraries
-from bench.run import environment
+from bench.core.machine import PINNED_ENV, cpu_env, cpu_flags, math_libraries
+from bench.runner.run import environment
 
 
 def test_rows_record_cpu_model_instruction_sets_and_math_libraries():
@@ -33,6 +33,6 @@ def test_the_tests_run_the_pinned_kernels():
 
 
 def test_shell_exports_match_the_python_constants():
-    out = subprocess.run([sys.executable, "-m", "bench.machine"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "bench.core.machine"], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "export " + " ".join(f"{k}={v}" for k, v in PINNED_ENV.items())
     assert isinstance(math_libraries(), dict)

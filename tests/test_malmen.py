@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.metrics import evaluate
+from bench.evaluation.metrics import evaluate
 from editors import EDITORS
 from editors.base import EditorContext, hparams_from, model_defaults
 from editors.malmen import MalmenEditor, MalmenHParams

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.metrics import relative_residual
+from bench.evaluation.metrics import relative_residual
 from editors.solvers import (
     SolverFallbackWarning,
     SolveStats,

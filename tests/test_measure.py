@@ -2,7 +2,7 @@
 
 import torch
 
-from bench.measure import measure
+from bench.core.measure import measure
 
 
 def test_peak_memory_sees_heap_reuse_after_an_earlier_phase():

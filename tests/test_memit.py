@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench.metrics import combine, evaluate
+from bench.evaluation.metrics import combine, evaluate
 from bench.models import EditableModel
 from editors.base import EditorContext, UnsupportedTask, model_defaults
 from editors.memit import MEMIT, MEMITHparams, block_name, default_blocks, encode_rows, subject_end
@@ -121,7 +121,7 @@ def test_per_model_defaults_exist_and_are_valid_fields():
 def rand_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from bench.models.tiny import build_tokenizer
+    from bench.zoo.tiny import build_tokenizer
     from tasks.synthetic import SyntheticConfig, build_world
 
     world = build_world(SyntheticConfig(n_entities=16, n_locality_entities=4))
@@ -297,7 +297,7 @@ def test_kl_is_edited_from_original_as_in_the_memit_code():
 def _rand_llama(world):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bench.models.tiny import build_tokenizer
+    from bench.zoo.tiny import build_tokenizer
 
     tok = build_tokenizer(world)
     torch.manual_seed(1)

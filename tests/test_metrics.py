@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bench.metrics import Evaluation, agreement, answer_token_hits, combine, relative_residual
+from bench.evaluation.metrics import Evaluation, agreement, answer_token_hits, combine, relative_residual
 
 
 def one_hot_logits(pred: list[list[int]], vocab: int = 5) -> torch.Tensor:

@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.config import RunConfig
-from bench.run import resolve
+from bench.core.config import RunConfig
+from bench.runner.run import resolve
 from tests.test_data_sources import Server, payload, zsre_records
 
 runner = CliRunner()

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.config import RunConfig
-from bench.measure import measure, per_device_fields
-from bench.metrics import evaluate
+from bench.core.config import RunConfig
+from bench.core.measure import measure, per_device_fields
+from bench.evaluation.metrics import evaluate
 from bench.models import DTYPES, LoadContext, load_model
-from bench.run import UserError, resolve, run_one
+from bench.runner.run import UserError, resolve, run_one
 from editors import EDITORS
 from editors.base import Edit, EditorContext, add_delta_, model_defaults
 from tasks.synthetic import SyntheticTask
@@ -211,7 +211,7 @@ def test_peaks_are_recorded_per_cuda_device(monkeypatch):
 
 
 def test_cuda_smoke_without_cuda_says_so_and_runs_nothing(tmp_path, capsys):
-    from bench.cuda_smoke import NO_CUDA_EXIT, main
+    from bench.diagnostics.cuda_smoke import NO_CUDA_EXIT, main
 
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU-only behaviour; on a CUDA machine run `nox -s cuda_smoke`")
@@ -222,7 +222,7 @@ def test_cuda_smoke_without_cuda_says_so_and_runs_nothing(tmp_path, capsys):
 
 def test_cuda_smoke_builds_gpt2_small_by_its_default_config():
     """`GPT2Config()` defaults: 12 blocks, 768 wide, 50,257 words, 124M parameters (built on the meta device: free)."""
-    from bench.cuda_smoke import build_gpt2_small
+    from bench.diagnostics.cuda_smoke import build_gpt2_small
 
     model = build_gpt2_small(device="meta")
     c = model.config
@@ -232,7 +232,7 @@ def test_cuda_smoke_builds_gpt2_small_by_its_default_config():
 
 def test_cuda_smoke_cells_run_through_the_harness(tiny_gpt2, results_cache, tmp_path):
     """The smoke check's loop on CPU (one bf16 cell): a stored row, a table line and the JSON it writes."""
-    from bench.cuda_smoke import cells, run
+    from bench.diagnostics.cuda_smoke import cells, run
 
     assert len(cells(["tiny-gpt2", "gpt2-small-random"], ["float32", "bfloat16"],
                      ["malmen", "mend", "memit", "ft"], [16, 256])) == 32

@@ -1,4 +1,4 @@
-"""The shared-prefix evaluation (bench/prefix_eval.py) gives what the separate passes give, to float rounding."""
+"""The shared-prefix evaluation (bench/evaluation/prefix_eval.py) gives what the separate passes give, to float rounding."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from bench.eval_extra import ExtraOptions, _evaluate_shared, evaluate_all, extra_metrics
-from bench.generation import greedy_continuations
-from bench.metrics import evaluate, score_lm
-from bench.prefix_eval import score_prompts
+from bench.evaluation.eval_extra import ExtraOptions, _evaluate_shared, evaluate_all, extra_metrics
+from bench.evaluation.generation import greedy_continuations
+from bench.evaluation.metrics import evaluate, score_lm
+from bench.evaluation.prefix_eval import score_prompts
 
 
 def _counterfact_like(reqs, with_neighbourhood: bool):
@@ -94,8 +94,8 @@ def test_shared_prefix_equals_separate_passes_on_smollm2_counterfact(smollm2):
 
 def test_fluency_is_opt_in_seeded_and_rome_shaped(tiny_gpt2, synthetic_task):
     """ROME's Generation Entropy: top-k samples to a fixed total length, prompt included; same seed, same texts."""
-    from bench.counterfact_scores import generation_entropy
-    from bench.prefix_eval import sampled_texts
+    from bench.evaluation.counterfact_scores import generation_entropy
+    from bench.evaluation.prefix_eval import sampled_texts
 
     reqs = [dataclasses.replace(r, generation_prompts=(r.prompt, r.locality_prompt)) for r in synthetic_task.sample(6, 4)]
     prompts = [p for r in reqs for p in r.generation_prompts]
@@ -112,8 +112,8 @@ def test_fluency_is_opt_in_seeded_and_rome_shaped(tiny_gpt2, synthetic_task):
 
 
 def test_fluency_enters_the_config_only_when_on(tiny_gpt2):
-    from bench.config import RunConfig
-    from bench.run import resolve
+    from bench.core.config import RunConfig
+    from bench.runner.run import resolve
 
     base = resolve(RunConfig(editor="ft", model="tiny-gpt2", task="synthetic", n_edits=16))
     on = resolve(RunConfig(editor="ft", model="tiny-gpt2", task="synthetic", n_edits=16, fluency=True))

@@ -18,17 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from bench import config as C
-from bench.commands.sweep import grid, run_sweep
+from bench.core.config import RunConfig
+from bench.core.threads import torch_threads
 from bench.executors import EXECUTORS, ExecutorOptions, ExecutorUnavailable, get_executor
-from bench.threads import torch_threads
+from bench.executors.sweep import grid, run_sweep
 
 pytestmark = pytest.mark.ray  # `-m ray` selects them; they run by default (CI installs the extra: .ci/run)
 
 EDITORS, EDITS = ["ft", "memit"], [8, 16]
 
 
-def _cells() -> list[C.RunConfig]:
+def _cells() -> list[RunConfig]:
     return grid(EDITORS, EDITS, [0], model="tiny-gpt2", task="synthetic", device="cpu")
 
 
@@ -51,7 +51,7 @@ def local_ray():
 
 def test_ray_sweep_stores_the_metrics_of_the_serial_sweep(local_ray, tiny_gpt2, results_cache, tmp_path):
     """2 editors x 2 edit counts as Ray tasks: one row per cell, written by the driver, metrics equal to the serial sweep's."""
-    from bench.ray_exec import run_ray_sweep
+    from bench.executors.ray_exec import run_ray_sweep
 
     cfgs = _cells()
     ray_res = run_ray_sweep(cfgs, tmp_path / "ray", cache_dir=results_cache, show_progress=False)

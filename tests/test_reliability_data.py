@@ -260,10 +260,10 @@ def test_run_reports_a_too_long_answer_as_bad_data(tmp_path: Path) -> None:
     """Through the run loop with a real GPT-2 of 128 positions: a bad-data error, not an IndexError."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from bench.config import RunConfig
+    from bench.core.config import RunConfig
     from bench.models import EditableModel
-    from bench.models.tiny import build_tokenizer
-    from bench.run import UserError, _run_phases, resolve
+    from bench.runner.run import UserError, _run_phases, resolve
+    from bench.zoo.tiny import build_tokenizer
     from tasks.synthetic import SyntheticConfig, build_world
 
     tok = build_tokenizer(build_world(SyntheticConfig()))

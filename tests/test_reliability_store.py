@@ -19,11 +19,11 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-import bench.run
+import bench.runner.run
 from bench.cli import app
-from bench.commands.sweep import grid, run_sweep
-from bench.config import RunConfig
-from bench.run import execute
+from bench.core.config import RunConfig
+from bench.executors.sweep import grid, run_sweep
+from bench.runner.run import execute
 from bench.store import ResultStore, StoreWriteError
 
 runner = CliRunner()
@@ -53,10 +53,10 @@ def fake_runs(monkeypatch):
         time.sleep(state.delay)
         return copy.deepcopy(PHASES)
 
-    monkeypatch.setattr(bench.run, "_run_phases", phases)
-    monkeypatch.setattr(bench.run.ModelCache, "get",
+    monkeypatch.setattr(bench.runner.run, "_run_phases", phases)
+    monkeypatch.setattr(bench.runner.run.ModelCache, "get",
                         lambda self, res, *a, **k: SimpleNamespace(kind=res.task.kind, key="fake", info={}))
-    monkeypatch.setattr(bench.run, "environment", lambda device: {"threads": 1})
+    monkeypatch.setattr(bench.runner.run, "environment", lambda device: {"threads": 1})
     return state
 
 
@@ -98,7 +98,7 @@ def test_append_writes_every_byte_when_the_os_writes_a_few_at_a_time(tmp_path, m
 
 FSIZE_SCRIPT = """
 import json, sys, types
-import bench.run as R
+import bench.runner.run as R
 R._run_phases = lambda *a, **k: json.loads(sys.argv[1])
 R.ModelCache.get = lambda self, res, *a, **k: types.SimpleNamespace(kind=res.task.kind, key="fake", info={})
 R.environment = lambda device: {"pad": "x" * 4000}
@@ -216,10 +216,10 @@ def test_sweep_with_an_unusable_results_folder_fails_before_the_first_cell(tmp_p
 
 
 def test_report_with_an_unusable_out_folder_fails_before_rendering(tmp_path, bad_dir, fake_runs, monkeypatch):
-    import bench.commands.report
+    import bench.results.report
 
     good_rows(tmp_path / "store")
-    monkeypatch.setattr(bench.commands.report, "figures", lambda *a: pytest.fail("rendered before checking --out"))
+    monkeypatch.setattr(bench.results.report, "figures", lambda *a: pytest.fail("rendered before checking --out"))
     one_line_error(cli("report", "--results", str(tmp_path / "store"), "--out", str(bad_dir)), str(bad_dir))
 
 

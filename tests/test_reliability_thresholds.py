@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.commands.check import ThresholdError, load_thresholds
+from bench.results.thresholds import ThresholdError, load_thresholds
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = 'task = "synthetic"\nmodel = "tiny-gpt2"\neditor = "ft"\nedits = 4\n'

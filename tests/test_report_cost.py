@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.commands.report import MEM_FLOOR_MIB, TIME_FLOOR_S, comparison_rows, load_runs
-from bench.config import RunConfig
-from bench.run import resolve
+from bench.core.config import RunConfig
+from bench.results.report import MEM_FLOOR_MIB, TIME_FLOOR_S, comparison_rows, load_runs
+from bench.runner.run import resolve
 from bench.store import ResultStore
 
 
@@ -60,7 +60,7 @@ def test_ablation_table_holds_malmen_and_its_table_1_flags_only():
 
     import pandas as pd
 
-    from bench.commands.report import Doc, ablation_tables
+    from bench.results.report import Doc, ablation_tables
 
     def cell(diff, model="m1", es=0.9):
         return {"model": model, "task": "t", "editor": "malmen", "variant": json.dumps(diff), "variant_key": "",

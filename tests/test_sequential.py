@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.config import RunConfig
-from bench.eval_extra import ExtraOptions
-from bench.metrics import evaluate
-from bench.run import UserError, resolve, run_one, set_seed
-from bench.sequential import edit_in_sequence
+from bench.core.config import RunConfig
+from bench.evaluation.eval_extra import ExtraOptions
+from bench.evaluation.metrics import evaluate
+from bench.runner.run import UserError, resolve, run_one, set_seed
+from bench.runner.sequential import edit_in_sequence
 from editors.base import EditorContext, add_delta_, hparams_from, model_defaults
 from editors.finetune import FineTune
 
@@ -102,8 +102,8 @@ def test_sequential_row_stores_the_curve_and_alphaedit_remembers(tiny_gpt2, tmp_
     lines = Path(row["samples_path"]).read_text().splitlines()
     assert len([x for x in lines if '"probe": "es"' in x]) == 16
     # the report gives lifelong rows their own section; check selects them only with `sequential`
-    from bench.commands.check import Selector
-    from bench.commands.report import write_report
+    from bench.results.report import write_report
+    from bench.results.thresholds import Selector
 
     rep = write_report(tmp_path, tmp_path / "report")
     assert any("sequential_tiny-gpt2_synthetic_8_2" in f for f in rep["figures"])

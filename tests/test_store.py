@@ -5,7 +5,7 @@ import multiprocessing as mp
 
 import pytest
 
-from bench.config import parse_sets, stable_hash
+from bench.core.config import parse_sets, stable_hash
 from bench.store import ResultStore
 
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import bench.run
+import bench.runner.run
 from bench.cli import app
-from bench.commands.check import ThresholdError, evaluate, load_thresholds
-from bench.commands.sweep import exit_code, grid, parse_list, run_sweep
-from bench.config import RunConfig
-from bench.run import execute, resolve
+from bench.core.config import RunConfig
+from bench.executors.sweep import exit_code, grid, parse_list, run_sweep
+from bench.results.thresholds import ThresholdError, evaluate, load_thresholds
+from bench.results.variants import matches_set, variant_diff, variant_label
+from bench.runner.run import execute, resolve
 from bench.store import ResultStore
-from bench.variants import matches_set, variant_diff, variant_label
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "results"
@@ -66,9 +66,9 @@ def built(tmp_path_factory, tiny_gpt2):
         return row, skipped
 
     loads: list[str] = []
-    real_load = bench.run.load_model
+    real_load = bench.runner.run.load_model
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench.run, "load_model", lambda ctx: loads.append(ctx.name) or real_load(ctx))
+        mp.setattr(bench.runner.run, "load_model", lambda ctx: loads.append(ctx.name) or real_load(ctx))
         resumed = run_sweep(cfgs, d, cache_dir=CACHE, run=recording, show_progress=False)
     after_resume = rows(d)
     again = run_sweep(cfgs, d, cache_dir=CACHE, show_progress=False)
@@ -334,7 +334,7 @@ def test_sweep_killed_by_sigkill_resumes(tmp_path, tiny_gpt2):
 
 
 def test_ablation_names_follow_the_paper_and_shared_settings_are_the_baseline():
-    from bench.commands.report import ablation_name, common_settings
+    from bench.results.report import ablation_name, common_settings
 
     diffs = [{"rank": 32}, {"rank": 32, "shift": "sum"}, {"rank": 32, "reg": "none", "cache": "all"}]
     assert common_settings(diffs) == {"rank": 32}

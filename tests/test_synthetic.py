@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from bench.models.tiny import (
+from bench.zoo.tiny import (
     TinyModelConfig,
     TinySpec,
     TinyTrainConfig,

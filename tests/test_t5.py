@@ -242,8 +242,8 @@ def test_edit_applied_restores_t5_weights_bit_exactly():
 
 
 def test_memit_refuses_tiny_t5_in_one_line_before_loading(tmp_path, monkeypatch):
-    import bench.models.tiny_t5 as tiny_t5
-    from bench.run import UserError, run_one
+    import bench.zoo.tiny_t5 as tiny_t5
+    from bench.runner.run import UserError, run_one
 
     def never(*_a, **_k):
         raise AssertionError("the model was loaded before the refusal")
@@ -297,7 +297,7 @@ def test_an_uncached_hub_t5_fails_offline_naming_the_embedded_models(tmp_path, m
 
 
 def test_tiny_t5_knows_its_facts_and_is_cached_by_hash(tiny_t5, results_cache):
-    from bench.models.tiny_t5 import META, tiny_t5_folder
+    from bench.zoo.tiny_t5 import META, tiny_t5_folder
 
     assert tiny_t5.is_seq2seq and tiny_t5.arch == "t5-gated"
     assert tiny_t5.info["acc_template0"] >= 0.99 and tiny_t5.info["acc_rephrase"] >= 0.99
@@ -309,7 +309,7 @@ def test_tiny_t5_knows_its_facts_and_is_cached_by_hash(tiny_t5, results_cache):
 
 def test_ft_edits_tiny_t5(tiny_t5, tmp_path, results_cache):
     """Fine-tuning edits the T5 (an editor that does nothing keeps ES at its pre-edit ~0)."""
-    from bench.run import run_one
+    from bench.runner.run import run_one
 
     row = run_one(editor="ft", model="tiny-t5", task="synthetic", n_edits=16, seed=0, results=tmp_path,
                   cache_dir=results_cache)
@@ -328,7 +328,7 @@ def test_hypernetwork_editors_edit_tiny_t5(editor, tiny_t5, tmp_path, results_ca
     LS 0.953 against pre-LS 1.000, with the file's loc_coef 50 and 10 epochs chosen on the training
     split). MEND must edit (measured ES 0.875, LS 0.844); it has no locality target.
     """
-    from bench.run import run_one
+    from bench.runner.run import run_one
 
     row = run_one(editor=editor, model="tiny-t5", task="synthetic", n_edits=64, seed=0, results=tmp_path,
                   cache_dir=results_cache)

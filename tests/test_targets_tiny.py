@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.commands.check import Threshold, evaluate, load_thresholds
+from bench.results.thresholds import Threshold, evaluate, load_thresholds
 
 REPO = Path(__file__).parents[1]
 
@@ -89,8 +89,8 @@ def test_the_gate_fails_an_editor_whose_deltas_are_zero(editor, tiny_gpt2, tmp_p
     """Each gated cell at m = 64 fails thresholds.toml when the editor's deltas are zeroed, and passes
     for the real editor measured in the same way (MALMEN reuses the checkpoint of the test above)."""
     import editors
-    from bench.config import RunConfig
-    from bench.run import execute
+    from bench.core.config import RunConfig
+    from bench.runner.run import execute
 
     cfg = RunConfig(editor=editor, model="tiny-gpt2", task="synthetic", n_edits=64, seed=0, device="cpu")
     real, _ = execute(cfg, tmp_path / "real", cache_dir=REPO / "results", log=lambda *_: None)

@@ -1,10 +1,10 @@
-"""The held-out tuning tool's probe pools and stack selection (bench/commands/tune_heldout.py)."""
+"""The held-out tuning tool's probe pools and stack selection (bench/diagnostics/tune_heldout.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.commands.tune_heldout import heldout_requests, one_stack
+from bench.diagnostics.tune_heldout import heldout_requests, one_stack
 from tasks.synthetic import SyntheticTask
 
 

