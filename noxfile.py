@@ -28,9 +28,10 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Ruff over the code."""
-    session.install("ruff", "-c", LOCK)
+    """Ruff over the code, and the import layers of pyproject.toml's [tool.importlinter] (`lint-imports`)."""
+    session.install("ruff", "import-linter", "-c", LOCK)
     session.run("ruff", "check", "bench", "editors", "tasks", "tests", "noxfile.py")
+    session.run("lint-imports", env={"PYTHONPATH": "."})  # reads the source tree; the project is not installed
 
 
 @nox.session

@@ -47,7 +47,7 @@ class Edit:
     """Additive weight shifts produced by one batch edit, plus diagnostics."""
 
     deltas: dict[str, Tensor]  # parameter name -> additive shift in the parameter's own layout
-    mean_residual: float | None = None  # see bench.evaluation.metrics / DESIGN.md; None where undefined
+    mean_residual: float | None = None  # see bench.evaluation.metrics / docs/design.md; None where undefined
     info: dict[str, Any] = field(default_factory=dict)  # editor-specific diagnostics for the row
 
     @contextlib.contextmanager

@@ -7,7 +7,7 @@ import random
 import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -240,11 +240,6 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
         return cls
 
     return deco
-
-
-def config_fields(cls: type) -> dict[str, Any]:
-    """Field name -> type annotation of a config dataclass."""
-    return {f.name: f.type for f in fields(cls)}
 
 
 # ----------------------------------------------------------------------------------------------

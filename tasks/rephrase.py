@@ -68,17 +68,6 @@ def move_time_phrase(claim: str) -> str | None:
     return f"{body[0].upper()}{body[1:]} {phrase[0].lower()}{phrase[1:]}."
 
 
-def all_rephrasings(claim: str) -> list[str]:
-    """Every rewrite that applies to `claim`: the date reordering (if any) first, then the frames."""
-    out = []
-    moved = move_time_phrase(claim)
-    if moved is not None:
-        out.append(moved)
-    inner = _embed(claim)
-    out += [w.format(c=inner) for w in WRAPPERS]
-    return out
-
-
 def rephrase(claim: str, n: int = 2) -> tuple[str, ...]:
     """`n` distinct rephrasings of `claim`, chosen deterministically from the claim text.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_EDITOR = "malmen"
@@ -35,9 +35,6 @@ class RunConfig:
     fluency: bool = False  # ROME's Generation Entropy where requests carry generation prompts (costly: opt-in)
     log_samples: bool = False  # per-probe records in <results>/samples/<run_id>.jsonl
     sequential: int = 0  # T >= 1: T batches of n_edits applied one after another without restoring (bench/runner/sequential.py)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def canonical_json(obj: Any) -> str:

@@ -1,4 +1,4 @@
-"""Edit metrics, defined once (see DESIGN.md and the README's metric section).
+"""Edit metrics, defined once (see docs/design.md and the README's metric section).
 
 Causal LMs are teacher-forced on prompt + answer; an answer token is correct when the argmax at
 the position before it equals it. Each request (or rephrase) scores its mean token accuracy and

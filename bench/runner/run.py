@@ -1,7 +1,7 @@
 """The run loop: one config -> model, task, editor -> prepare, edit, evaluate -> one stored row.
 
 This is the single place where a benchmark run happens; `bench run` and `bench sweep` both call
-`execute`. See DESIGN.md "Data flow of one run".
+`execute`. See docs/design.md "Data flow of one run".
 """
 
 from __future__ import annotations
