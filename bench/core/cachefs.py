@@ -242,7 +242,9 @@ def write_entry(dest: Path, fill: Callable[[Path], Any], *, replace: bool = Fals
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Exclusive file lock at `path` (created), so parallel processes build a missing entry once."""
-    from filelock import FileLock  # the run lock's package (bench/store.py), portable where fcntl is not
+    from filelock import (
+        FileLock,  # the run lock's package (bench/store/__init__.py), portable where fcntl is not
+    )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(path):
