@@ -14,14 +14,14 @@ Training choices (measured on the shared 2-core machine, see `TinyTrainConfig`):
 on every token with answer tokens weighted 4x (the prompt tokens teach the templates, the answer
 tokens are what is scored), AdamW with warmup + cosine, batches of similar-length sequences
 (the templates differ in length, and padding to the longest one cost 1.7x compute), one
-intra-op thread, dropout off (the point is memorisation).
+intra-op thread, dropout off (the point is memorisation). The loop itself (bench/zoo/training.py) is
+shared with `tiny-t5`; this module supplies the weighted per-batch loss.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,10 +34,10 @@ from torch import nn
 
 from bench.core.cachefs import ensure_entry
 from bench.core.machine import cpu_env
-from bench.core.progress import open_progress
 from bench.core.threads import torch_threads
 from bench.models import EditableModel, LoadContext
 from bench.models.pinned import NUMERICS, child_progress, state_sha256, train_pinned
+from bench.zoo.training import train_loop
 from tasks.synthetic import SyntheticConfig, World, build_world
 
 SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
@@ -136,15 +136,6 @@ def _fact_accuracy(em: EditableModel, world: World) -> dict[str, float]:
     return out
 
 
-def _length_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """Shuffled batches of similar-length sequences (templates differ in length; padding costs compute)."""
-    perm = torch.randperm(len(lengths), generator=gen)
-    perm = perm[torch.sort(lengths[perm], stable=True).indices]  # by length, random within a length
-    batches = list(perm.split(batch_size))
-    order = torch.randperm(len(batches), generator=gen)
-    return [batches[i] for i in order]
-
-
 def _one_thread():
     """One intra-op thread: the matrices are too small to gain from threads, oversubscribed shared
     cores make OpenMP spin (10x slower measured at load 14 on 2 cores), and a fixed thread count
@@ -182,47 +173,21 @@ def _train(spec: TinySpec, progress: Any, log: Any) -> tuple[EditableModel, dict
     weights = torch.where(ans, spec.train.answer_weight, 1.0) * (targets != -100)
 
     tc = spec.train
-    n = ids.shape[0]
     lengths = attn.sum(-1)
-    steps_per_epoch = math.ceil(n / tc.batch_size)
-    total = steps_per_epoch * tc.max_epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / tc.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    gen = torch.Generator().manual_seed(tc.seed)
-    model.train()
-    epoch_acc, epochs = 0.0, 0
-    with open_progress(progress) as prog:
-        bar = prog.add_task("training tiny-gpt2", total=tc.max_epochs, status="")
-        for epoch in range(tc.max_epochs):
-            hits = count = 0
-            for b in _length_batches(lengths, tc.batch_size, gen):
-                t_max = int(lengths[b].max())  # drop padding beyond this batch's longest sequence
-                logits = model(input_ids=ids[b, :t_max], attention_mask=attn[b, :t_max]).logits
-                tgt, w = targets[b, :t_max], weights[b, :t_max]
-                nll = nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten().clamp_min(0), reduction="none")
-                loss = (nll * w.flatten()).sum() / w.sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    m = ans[b, :t_max]
-                    hits += int(((logits.argmax(-1) == tgt) & m).sum())
-                    count += int(m.sum())
-            epochs = epoch + 1
-            epoch_acc = hits / count
-            prog.update(bar, advance=1, status=f"loss {loss.item():.3f} answer acc {epoch_acc:.3f}")
-            if log is not None:
-                log(f"epoch {epochs} loss {loss.item():.3f} answer acc {epoch_acc:.4f} "
-                    f"{time.perf_counter() - t0:.1f}s wall {time.process_time() - c0:.1f}s cpu")
-            if tc.target_acc is not None and epoch_acc >= tc.target_acc:
-                break
-    model.eval()
+
+    def batch_loss(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        t_max = int(lengths[b].max())  # drop padding beyond this batch's longest sequence
+        logits = model(input_ids=ids[b, :t_max], attention_mask=attn[b, :t_max]).logits
+        tgt, w = targets[b, :t_max], weights[b, :t_max]
+        nll = nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten().clamp_min(0), reduction="none")
+        return (nll * w.flatten()).sum() / w.sum(), logits, tgt, ans[b, :t_max]
+
+    result = train_loop(model, lengths, tc, batch_loss, "tiny-gpt2", progress, log, clock=(t0, c0))
     train_s = time.perf_counter() - t0
     record: dict[str, Any] = {
         "key": spec.key(), "world": spec.world.world_key(), "model": asdict(spec.model), "train": asdict(tc),
-        "epochs": epochs, "steps": epochs * steps_per_epoch, "final_epoch_answer_acc": epoch_acc,
+        "epochs": result.epochs, "steps": result.epochs * result.steps_per_epoch,
+        "final_epoch_answer_acc": result.final_epoch_answer_acc,
         "train_s": round(train_s, 2), "train_cpu_s": round(time.process_time() - c0, 2),
         **provenance(model, tok),
     }

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -25,17 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.core.progress import open_progress
 from bench.models import EditableModel, LoadContext
 from bench.models.pinned import child_progress
 from bench.zoo.tiny import (
-    _length_batches,
     _one_thread,
     build_tokenizer,
     fact_accuracy,
     load_or_train,
     provenance,
 )
+from bench.zoo.training import train_loop
 from tasks.synthetic import SyntheticConfig, build_world
 
 # Bump when the training code changes what a given config produces. 2: trained in a child process under
@@ -149,41 +147,20 @@ def _train(spec: TinyT5Spec, progress: Any, log: Any) -> tuple[EditableModel, di
 
     tc = spec.train
     lengths = attn.sum(-1)
-    steps_per_epoch = math.ceil(ids.shape[0] / tc.batch_size)
-    total = steps_per_epoch * tc.max_epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / tc.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    gen = torch.Generator().manual_seed(tc.seed)
-    model.train()
-    epoch_acc = 0.0
-    with open_progress(progress) as prog:
-        bar = prog.add_task(f"training {NAME}", total=tc.max_epochs, status="")
-        for epoch in range(tc.max_epochs):
-            hits = count = 0
-            for b in _length_batches(lengths, tc.batch_size, gen):
-                t_max, u_max = int(lengths[b].max()), int(n_ans[b].max()) + 1  # drop padding beyond the batch's longest
-                logits = model(input_ids=ids[b, :t_max], attention_mask=attn[b, :t_max],
-                               decoder_input_ids=dec_in[b, :u_max], use_cache=False).logits
-                tgt = targets[b, :u_max]
-                loss = nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    m = ans[b, :u_max]
-                    hits += int(((logits.argmax(-1) == tgt) & m).sum())
-                    count += int(m.sum())
-            epoch_acc = hits / count
-            prog.update(bar, advance=1, status=f"loss {loss.item():.3f} answer acc {epoch_acc:.3f}")
-            if log is not None:
-                log(f"epoch {epoch + 1} loss {loss.item():.3f} answer acc {epoch_acc:.4f} "
-                    f"{time.perf_counter() - t0:.1f}s wall {time.process_time() - c0:.1f}s cpu")
-    model.eval()
+
+    def batch_loss(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        t_max, u_max = int(lengths[b].max()), int(n_ans[b].max()) + 1  # drop padding beyond the batch's longest
+        logits = model(input_ids=ids[b, :t_max], attention_mask=attn[b, :t_max],
+                       decoder_input_ids=dec_in[b, :u_max], use_cache=False).logits
+        tgt = targets[b, :u_max]
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
+        return loss, logits, tgt, ans[b, :u_max]
+
+    result = train_loop(model, lengths, tc, batch_loss, NAME, progress, log, clock=(t0, c0))
     record: dict[str, Any] = {
         "key": spec.key(), "world": spec.world.world_key(), "model": asdict(spec.model), "train": asdict(tc),
-        "epochs": tc.max_epochs, "steps": total, "final_epoch_answer_acc": epoch_acc,
+        "epochs": result.epochs, "steps": result.epochs * result.steps_per_epoch,
+        "final_epoch_answer_acc": result.final_epoch_answer_acc,
         "train_s": round(time.perf_counter() - t0, 2), "train_cpu_s": round(time.process_time() - c0, 2),
         **provenance(model, tok),
     }
