@@ -216,10 +216,10 @@ def test_sweep_with_an_unusable_results_folder_fails_before_the_first_cell(tmp_p
 
 
 def test_report_with_an_unusable_out_folder_fails_before_rendering(tmp_path, bad_dir, fake_runs, monkeypatch):
-    import bench.results.report
+    import bench.results.report.document
 
     good_rows(tmp_path / "store")
-    monkeypatch.setattr(bench.results.report, "figures", lambda *a: pytest.fail("rendered before checking --out"))
+    monkeypatch.setattr(bench.results.report.document, "figures", lambda *a: pytest.fail("rendered before checking --out"))
     one_line_error(cli("report", "--results", str(tmp_path / "store"), "--out", str(bad_dir)), str(bad_dir))
 
 
