@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -207,59 +206,15 @@ def keys(
     json_: Annotated[bool, typer.Option("--json", help="print the rows as JSON on the last line")] = False,
 ) -> None:
     """Key geometry: how far a least-squares edit of N requests reaches their rephrases and unrelated prompts."""
-    import tasks
     from bench.core.progress import progress_factory
-    from bench.diagnostics.geometry import key_geometry
-    from bench.models import LoadContext, ModelLoadError, load_model
-    from bench.runner.depth import loaded_depth, model_depth
-    from bench.runner.run import UserError, check_seed, choose, require_kind, resolve_device
-    from bench.store import StoreError, ensure_dir
-    from editors.base import hparams_from
+    from bench.diagnostics.keys import run_key_geometry
+    from bench.runner.run import UserError
 
     try:
-        lams = [float(x) for x in lam.split(",") if x.strip()]
-        block_ids = [int(x) for x in blocks.split(",")] if blocks else None
-    except ValueError as e:
-        fail(f"bad --lam/--blocks value: {e}")
-    if not lams or any(not (math.isfinite(x) and x > 0) for x in lams):
-        fail(f"--lam needs finite positive values (λ = 0 is singular for n < d keys); got {lam}")
-    if edits < 1:
-        fail(f"--edits must be at least 1, got {edits}")
-    if last_n is not None and last_n < 1:
-        fail(f"--last-n must be at least 1, got {last_n}")
-    if layers not in ("second_fc", "first_fc"):
-        fail(f"--layers {layers}: choose second_fc or first_fc")
-
-    def check_last_n(depth: int | None) -> None:  # a --last-n the user gave, against the model's blocks
-        if last_n is not None and block_ids is None and depth is not None and last_n > depth:
-            raise UserError(f"--last-n {last_n} is more than the {depth} blocks of model '{model}'; "
-                            f"choose 1 to {depth}")
-
-    try:
-        ensure_dir(results)  # the model cache: a bad folder fails before the model is loaded or trained
-    except StoreError as e:
+        rows = run_key_geometry(model, task, edits, seed, layers, blocks, last_n, lam, set_, device, results,
+                                progress_factory(err), quiet_stdout=json_)
+    except UserError as e:
         fail(str(e))
-    try:
-        check_seed(seed)
-        depth = model_depth(model) if last_n is not None else None  # known before loading: aliases, folders, cached ids
-        check_last_n(depth)
-        task_cls = choose("task", task, tasks.TASKS)
-        sets, valid = config.parse_sets(set_), {f.name for f in dataclasses.fields(task_cls.config_cls)}
-        if unknown := sorted(set(sets) - valid):
-            raise UserError(f"unknown --set key(s) {unknown} for task '{task}'; valid: {sorted(valid)}")
-        t = task_cls(hparams_from(task_cls.config_cls, sets, {}))
-        requests = t.sample(edits, seed)
-        dev = resolve_device(device)
-        with stdout_to_stderr(json_):
-            em = load_model(LoadContext(model, results, str(dev), t.kind, seed, progress_factory(err)))
-        require_kind(em, t, model, task)
-        if last_n is not None and depth is None:
-            check_last_n(loaded_depth(em))
-        modules = em.module_names(which=layers, blocks=block_ids, last_n=6 if last_n is None else last_n)
-    except (UserError, ValueError, TypeError, ModelLoadError) as e:
-        fail(str(e))
-    with stdout_to_stderr(json_):
-        rows = key_geometry(em, requests, modules, lams)
     tab = Table(title=f"key geometry: {escape(model)} / {escape(task)}, {edits} edits, seed {seed}\n"
                       "reach ‖α(q)‖ of the edit, rephrase and unrelated keys: the share of the edits' shift they\n"
                       "receive (bench/diagnostics/geometry.py); dims90 = directions holding 90% of the key energy",
