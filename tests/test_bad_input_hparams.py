@@ -2,7 +2,7 @@
 
 The ranges are declared next to each hyperparameter dataclass (`RANGES`, editors/ranges.py) and
 checked by `editors.base.hparams_from`; the model's depth (bench/runner/depth.py) bounds an explicit
-`last_n` and MEMIT's block indices in `bench.runner.run.resolve`.
+`last_n` and MEMIT's block indices in `bench.runner.resolve.resolve`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 import bench.models
+import bench.runner.checks
+import bench.runner.errors
+import bench.runner.model_cache
+import bench.runner.resolve
 import bench.runner.run
 import editors
 import editors.base
@@ -35,7 +39,7 @@ def no_model_load(monkeypatch):
 
     monkeypatch.setattr(bench.models, "load_model", boom)
     monkeypatch.setattr(bench.models, "_call", boom)
-    monkeypatch.setattr(bench.runner.run, "load_model", boom)
+    monkeypatch.setattr(bench.runner.model_cache, "load_model", boom)
 
 
 def cli(*args: str):
@@ -131,7 +135,7 @@ def test_bad_value_in_the_per_model_file_names_the_file(no_model_load, tmp_path,
     (hp_dir / "ft").mkdir(parents=True)
     (hp_dir / "ft" / "tiny-gpt2.json").write_text('{"_why": "test", "lr": NaN, "epochs": 10}')
     monkeypatch.setattr(editors.base, "HPARAMS_DIR", hp_dir)
-    monkeypatch.setattr(bench.runner.run, "HPARAMS_DIR", hp_dir)
+    monkeypatch.setattr(bench.runner.resolve, "HPARAMS_DIR", hp_dir)
     r = cli("run", "--editor", "ft", "--model", "tiny-gpt2", "--task", "synthetic", "--edits", "8",
             "--results", str(tmp_path / "res"))
     assert r.exit_code == 2, r.output
@@ -192,9 +196,9 @@ def test_depths_known_before_loading():
 def test_depth_of_a_local_folder_comes_from_its_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 3}))
     assert model_depth(str(tmp_path)) == 3
-    with pytest.raises(bench.runner.run.UserError, match=r"last_n=5 is more than the 3 blocks"):
-        bench.runner.run.check_depth(str(tmp_path), editors.EDITORS["ft"].hparams_cls(last_n=5), {"last_n": "--set value"})
-    bench.runner.run.check_depth(str(tmp_path), editors.EDITORS["ft"].hparams_cls(last_n=5), {})  # the default: not checked
+    with pytest.raises(bench.runner.errors.UserError, match=r"last_n=5 is more than the 3 blocks"):
+        bench.runner.checks.check_depth(str(tmp_path), editors.EDITORS["ft"].hparams_cls(last_n=5), {"last_n": "--set value"})
+    bench.runner.checks.check_depth(str(tmp_path), editors.EDITORS["ft"].hparams_cls(last_n=5), {})  # the default: not checked
 
 
 # ------------------------------------------------------------------ bench keys

@@ -259,14 +259,14 @@ def test_a_cache_subfolder_that_is_a_file_is_bad_input_before_the_run(tmp_path, 
 
 SIGINT_SCRIPT = """
 import json, sys, time, types
-import bench.runner.run as R
+import bench.runner.model_cache, bench.runner.phases, bench.runner.provenance
 def phases(*a, **k):
     print("PHASE", file=sys.stderr, flush=True)
     time.sleep(60)
     return json.loads(sys.argv[1])
-R._run_phases = phases
-R.ModelCache.get = lambda self, res, *a, **k: types.SimpleNamespace(kind=res.task.kind, key="fake", info={})
-R.environment = lambda device: {"threads": 1}
+bench.runner.phases.run_phases = phases
+bench.runner.model_cache.ModelCache.get = lambda self, res, *a, **k: types.SimpleNamespace(kind=res.task.kind, key="fake", info={})
+bench.runner.provenance.environment = lambda device: {"threads": 1}
 from bench.cli import app
 app(sys.argv[2:])
 """
@@ -291,12 +291,12 @@ def test_ctrl_c_exits_130_and_keeps_the_stored_rows(tmp_path, fake_runs, cmd):
 
 
 def test_a_keyboard_interrupt_inside_a_cell_exits_130(tmp_path, fake_runs, monkeypatch):
-    import bench.runner.run
+    import bench.runner.phases
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bench.runner.run, "_run_phases", interrupted)
+    monkeypatch.setattr(bench.runner.phases, "run_phases", interrupted)
     one_line_error(cli(*SWEEP, "--results", str(tmp_path)), "interrupted", code=130)
     one_line_error(cli(*RUN, "--results", str(tmp_path)), "interrupted", code=130)
 

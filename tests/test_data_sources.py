@@ -1,7 +1,7 @@
 """Where the task data comes from: the full public files (downloaded, cached, pinned), `hf:` datasets, size checks.
 
 Downloads are tested against a localhost HTTP server started here (`EDITBENCH_DATA_URL` points at
-it); nothing touches the network. Every check runs through `bench.runner.run.resolve` or the CLI, i.e.
+it); nothing touches the network. Every check runs through `bench.runner.resolve.resolve` or the CLI, i.e.
 before any model loads.
 """
 
@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 import bench.models
+import bench.runner.model_cache
 import bench.runner.run
 from bench.cli import app
 from bench.core.cachefs import CacheWarning
@@ -124,7 +125,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(bench.models, "load_model", boom)
-    monkeypatch.setattr(bench.runner.run, "load_model", boom)
+    monkeypatch.setattr(bench.runner.model_cache, "load_model", boom)
 
 
 def zsre_cfg(**kw) -> RunConfig:

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 import bench.models
+import bench.runner.model_cache
 import bench.runner.run
 from bench.cli import app
 from bench.core.config import RunConfig
@@ -25,7 +26,7 @@ def no_model_load(monkeypatch):
 
     monkeypatch.setattr(bench.models, "load_model", boom)
     monkeypatch.setattr(bench.models, "_call", boom)
-    monkeypatch.setattr(bench.runner.run, "load_model", boom)
+    monkeypatch.setattr(bench.runner.model_cache, "load_model", boom)
 
 
 def bench_cli(*args: str):

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from bench.core.machine import PINNED_ENV, cpu_env, cpu_flags, math_libraries
-from bench.runner.run import environment
+from bench.runner.provenance import environment
 
 
 def test_rows_record_cpu_model_instruction_sets_and_math_libraries():

@@ -314,13 +314,14 @@ def test_the_same_fever_file_under_two_paths_has_one_hash(tmp_path):
 
 
 def test_a_model_load_failure_is_stored_as_a_failed_row(tmp_path, monkeypatch):
+    import bench.runner.model_cache
     import bench.runner.run as run
     from bench.store import ResultStore
 
     def boom(ctx):
         raise RuntimeError("the disk caught fire")
 
-    monkeypatch.setattr(run, "load_model", boom)
+    monkeypatch.setattr(bench.runner.model_cache, "load_model", boom)
     cfg = RunConfig(editor="ft", model="tiny-gpt2", task="synthetic", n_edits=2, device="cpu")
     with pytest.raises(run.RunFailed, match="disk caught fire"):
         run.execute(cfg, tmp_path, log=lambda *a: None)

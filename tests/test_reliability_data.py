@@ -262,7 +262,8 @@ def test_run_reports_a_too_long_answer_as_bad_data(tmp_path: Path) -> None:
 
     from bench.core.config import RunConfig
     from bench.models import EditableModel
-    from bench.runner.run import UserError, _run_phases, resolve
+    from bench.runner.phases import run_phases
+    from bench.runner.run import UserError, resolve
     from bench.zoo.tiny import build_tokenizer
     from tasks.synthetic import SyntheticConfig, build_world
 
@@ -276,8 +277,8 @@ def test_run_reports_a_too_long_answer_as_bad_data(tmp_path: Path) -> None:
     cfg = RunConfig(editor="ft", model="tiny-gpt2", task="zsre", n_edits=2, device="cpu", data=str(f),
                     overrides={"epochs": "1"})
     with pytest.raises(UserError, match=rf"bad data: {f}, record 3, field 'answers\[0\]'"):
-        _run_phases(resolve(cfg), em, tmp_path, None, lambda *a: None)
-    out = _run_phases(resolve(dataclasses.replace(cfg, skip_bad=True, n_edits=3)), em, tmp_path, None,
+        run_phases(resolve(cfg), em, tmp_path, None, lambda *a: None)
+    out = run_phases(resolve(dataclasses.replace(cfg, skip_bad=True, n_edits=3)), em, tmp_path, None,
                       lambda *a: None)
     assert out["n_skipped_records"] == 1
 

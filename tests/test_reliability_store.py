@@ -19,7 +19,9 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-import bench.runner.run
+import bench.runner.model_cache
+import bench.runner.phases
+import bench.runner.provenance
 from bench.cli import app
 from bench.core.config import RunConfig
 from bench.executors.sweep import grid, run_sweep
@@ -53,10 +55,10 @@ def fake_runs(monkeypatch):
         time.sleep(state.delay)
         return copy.deepcopy(PHASES)
 
-    monkeypatch.setattr(bench.runner.run, "_run_phases", phases)
-    monkeypatch.setattr(bench.runner.run.ModelCache, "get",
+    monkeypatch.setattr(bench.runner.phases, "run_phases", phases)
+    monkeypatch.setattr(bench.runner.model_cache.ModelCache, "get",
                         lambda self, res, *a, **k: SimpleNamespace(kind=res.task.kind, key="fake", info={}))
-    monkeypatch.setattr(bench.runner.run, "environment", lambda device: {"threads": 1})
+    monkeypatch.setattr(bench.runner.provenance, "environment", lambda device: {"threads": 1})
     return state
 
 
@@ -98,10 +100,10 @@ def test_append_writes_every_byte_when_the_os_writes_a_few_at_a_time(tmp_path, m
 
 FSIZE_SCRIPT = """
 import json, sys, types
-import bench.runner.run as R
-R._run_phases = lambda *a, **k: json.loads(sys.argv[1])
-R.ModelCache.get = lambda self, res, *a, **k: types.SimpleNamespace(kind=res.task.kind, key="fake", info={})
-R.environment = lambda device: {"pad": "x" * 4000}
+import bench.runner.model_cache, bench.runner.phases, bench.runner.provenance
+bench.runner.phases.run_phases = lambda *a, **k: json.loads(sys.argv[1])
+bench.runner.model_cache.ModelCache.get = lambda self, res, *a, **k: types.SimpleNamespace(kind=res.task.kind, key="fake", info={})
+bench.runner.provenance.environment = lambda device: {"pad": "x" * 4000}
 from bench.cli import app
 app(sys.argv[2:])
 """

@@ -10,7 +10,8 @@ import torch
 from bench.core.config import RunConfig
 from bench.evaluation.eval_extra import ExtraOptions
 from bench.evaluation.metrics import evaluate
-from bench.runner.run import UserError, resolve, run_one, set_seed
+from bench.runner.phases import set_seed
+from bench.runner.run import UserError, resolve, run_one
 from bench.runner.sequential import edit_in_sequence
 from editors.base import EditorContext, add_delta_, hparams_from, model_defaults
 from editors.finetune import FineTune

@@ -58,3 +58,31 @@ def test_stable_hash_ignores_key_order_and_parse_sets():
     assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
     assert stable_hash({"a": 1}) != stable_hash({"a": 2})
     assert parse_sets(["lr=1e-3", "shift = sum"]) == {"lr": "1e-3", "shift": "sum"}
+
+
+def test_the_row_type_and_the_runtime_schema_name_the_same_fields():
+    from typing import get_type_hints, is_typeddict
+
+    from bench.store.schema import OK_REQUIRED, REQUIRED, ROW_SCHEMA, Row
+
+    def paths(td: type, prefix: str = "") -> dict[str, type]:
+        out = {}
+        for k, t in get_type_hints(td).items():
+            out[prefix + k] = t
+            if is_typeddict(t):
+                out.update(paths(t, f"{prefix}{k}."))
+        return out
+
+    typed = paths(Row)
+    for path in typed:  # every field of Row, and of its typed parts, is checked (or marked "any")
+        parent, _, _ = path.rpartition(".")
+        assert path in ROW_SCHEMA or (parent and f"{parent}.*" in ROW_SCHEMA), path
+    for path in ROW_SCHEMA:  # every schema path names a field of Row (below an untyped field: anything)
+        t: type = Row
+        for part in path.split("."):
+            if not is_typeddict(t) or part == "*":
+                break
+            hints = get_type_hints(t)
+            assert part in hints, path
+            t = hints[part]
+    assert set(REQUIRED) | set(OK_REQUIRED) <= set(typed)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import bench.runner.model_cache
 import bench.runner.run
 from bench.cli import app
 from bench.core.config import RunConfig
@@ -66,9 +67,9 @@ def built(tmp_path_factory, tiny_gpt2):
         return row, skipped
 
     loads: list[str] = []
-    real_load = bench.runner.run.load_model
+    real_load = bench.runner.model_cache.load_model
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench.runner.run, "load_model", lambda ctx: loads.append(ctx.name) or real_load(ctx))
+        mp.setattr(bench.runner.model_cache, "load_model", lambda ctx: loads.append(ctx.name) or real_load(ctx))
         resumed = run_sweep(cfgs, d, cache_dir=CACHE, run=recording, show_progress=False)
     after_resume = rows(d)
     again = run_sweep(cfgs, d, cache_dir=CACHE, show_progress=False)

@@ -18,10 +18,12 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import editors
 import tasks
 from bench.models import LoadContext, load_model
+from bench.runner.overrides import editor_keys, split_overrides, task_keys
 from editors.base import EditorContext, hparams_from, model_defaults
 
 
@@ -33,6 +35,16 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
             raise SystemExit(f"--set wants KEY=VALUE, got {it!r}")
         out[k] = v
     return out
+
+
+def split_sets(task_cls: type, editor_cls: type, sets: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(task config, hparams) overrides of a tool's `--set` values, split as `bench run` splits them; SystemExit
+    for a key that is neither."""
+    task_over, editor_over, unknown = split_overrides(task_cls, editor_cls, sets)
+    if unknown:
+        raise SystemExit(f"unknown --set key(s) {unknown}; valid: editor {sorted(editor_keys(editor_cls))}, "
+                         f"task {sorted(task_keys(task_cls))}")
+    return task_over, editor_over
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,10 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[])
     a = ap.parse_args(argv)
     editor_cls = editors.EDITORS[a.editor]
-    over = {**_parse_sets(a.sets), "schedule": "select", "steps": a.steps, "val_every": a.every,
-            "n_val": a.val, "train_edits": a.edits}
+    task_cls = tasks.TASKS[a.task]
+    task_over, over = split_sets(task_cls, editor_cls, {**_parse_sets(a.sets), "schedule": "select", "steps": a.steps,
+                                                        "val_every": a.every, "n_val": a.val, "train_edits": a.edits})
     hp = hparams_from(editor_cls.hparams_cls, over, model_defaults(a.editor, a.model))
-    task = tasks.TASKS[a.task](tasks.TASKS[a.task].config_cls())
+    task = task_cls(hparams_from(task_cls.config_cls, task_over, {}))
     em = load_model(LoadContext(a.model, a.results, "cpu", task.kind, a.seed, None))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:  # no checkpoint kept: this is a measurement

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import editors
-from bench.diagnostics.tune import _parse_sets
+from bench.diagnostics.tune import _parse_sets, split_sets
 from bench.evaluation.metrics import combine, evaluate
 from bench.models import LoadContext, load_model
 from editors.base import EditorContext, hparams_from, model_defaults
@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="encoder-decoder models: which stacks are edited")
     a = ap.parse_args(argv)
     editor_cls = editors.EDITORS[a.editor]
-    over = {**_parse_sets(a.sets), "train_edits": a.edits}
+    task_over, over = split_sets(SyntheticTask, editor_cls, {**_parse_sets(a.sets), "train_edits": a.edits})
     hp = hparams_from(editor_cls.hparams_cls, over, model_defaults(a.editor, a.model))
-    task = SyntheticTask()
+    task = SyntheticTask(hparams_from(SyntheticTask.config_cls, task_over, {}))
     fit, val = heldout_requests(task, a.val, a.seed, a.probes)
     em = load_model(LoadContext(a.model, a.results, "cpu", task.kind, a.seed, None))
     if a.stacks != "both":

@@ -26,6 +26,7 @@ import torch
 
 import editors
 import tasks
+from bench.diagnostics.tune import split_sets
 from bench.evaluation.metrics import combine, evaluate
 from bench.models import LoadContext, load_model
 from editors.base import EditorContext, hparams_from, model_defaults
@@ -64,11 +65,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="a further setting for every grid point (repeatable), e.g. layers=2,3,4,5,6,7,8,9")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
-    task = tasks.TASKS[a.task](tasks.TASKS[a.task].config_cls())
+    task_cls = tasks.TASKS[a.task]
+    task_over, extra = split_sets(task_cls, editors.EDITORS[a.editor], dict(kv.split("=", 1) for kv in a.set))
+    task = task_cls(hparams_from(task_cls.config_cls, task_over, {}))
     requests = random.Random(0).sample(task.train_split(), a.n)
     em = load_model(LoadContext(a.model, a.results, "cpu", task.kind, 0, None))
     pre = evaluate(em, requests)
-    extra = dict(kv.split("=", 1) for kv in a.set)
     if a.editor == "alphaedit":
         _grid_alphaedit(a, extra, em, requests, pre)
         return

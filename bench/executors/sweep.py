@@ -21,7 +21,9 @@ from rich.progress import Progress, TaskID
 
 from bench.core import config
 from bench.core.progress import progress_factory
+from bench.runner.overrides import check_plain_sets, per_editor
 from bench.store import ResultStore, ensure_cache
+from bench.store.schema import Row
 
 
 @dataclass
@@ -30,7 +32,7 @@ class CellResult:
 
     cfg: config.RunConfig
     status: str  # "ok" (ran now), "skipped" (already stored ok), "failed" (stored failed), "error" (bad input)
-    row: dict[str, Any] | None = None
+    row: Row | None = None
     error: str | None = None
     seconds: float = 0.0
 
@@ -60,51 +62,10 @@ def grid(editors: Sequence[str], edits: Sequence[int], seeds: Sequence[int], ove
     An override key "editor.key" applies to that editor only (e.g. `malmen.steps=200`), since one
     editor's hparams are unknown keys to another's; a plain key applies to every cell.
     """
-    per = split_overrides(overrides or {}, editors)
+    per = per_editor(overrides or {}, editors)
     check_plain_sets(overrides or {}, editors, common.get("task", config.DEFAULT_TASK))
     return [config.RunConfig(editor=e, n_edits=m, seed=s, overrides=per[e], **common)
             for e in editors for s in seeds for m in edits]
-
-
-def split_overrides(overrides: dict[str, str], editors: Sequence[str]) -> dict[str, dict[str, str]]:
-    """Per-editor `--set` dicts from plain keys (all editors) and "editor.key" keys (that editor)."""
-    per: dict[str, dict[str, str]] = {e: {} for e in editors}
-    for k, v in overrides.items():
-        head, dot, rest = k.partition(".")
-        if dot and head in per:
-            per[head][rest] = v
-        elif dot:
-            raise ValueError(f"--set {k}={v}: '{head}' is not one of the sweep's editors ({', '.join(editors)})")
-        else:
-            for e in editors:
-                per[e].setdefault(k, v)
-    for k, v in overrides.items():  # an editor-specific value wins over a plain one
-        head, dot, rest = k.partition(".")
-        if dot:
-            per[head][rest] = v
-    return per
-
-
-def check_plain_sets(overrides: dict[str, str], editors: Sequence[str], task: str) -> None:
-    """ValueError for a plain `--set key=value` that only some of the sweep's editors have, naming the `editor.key` form."""
-    import dataclasses
-
-    import tasks
-    from editors import EDITORS
-
-    if task not in tasks.TASKS or any(e not in EDITORS for e in editors):
-        return  # the unknown name is reported by `resolve`
-    task_keys = {f.name for f in dataclasses.fields(tasks.TASKS[task].config_cls)}
-    for k, v in overrides.items():
-        if "." in k or k in task_keys:
-            continue
-        having = [e for e in editors if k in {f.name for f in dataclasses.fields(EDITORS[e].hparams_cls)}]
-        if having and len(having) < len(editors):
-            lacking = [e for e in editors if e not in having]
-            forms = " ".join(f"--set {e}.{k}={v}" for e in having)
-            raise ValueError(f"--set {k}={v}: only {', '.join(having)} of the sweep's editors have '{k}' "
-                             f"({', '.join(lacking)} do{'es' if len(lacking) == 1 else ''} not); give it as {forms}, "
-                             "which applies to that editor's cells only")
 
 
 class NestedProgress:
@@ -161,7 +122,7 @@ def run_sweep(
     force: bool = False,
     console: Console | None = None,
     show_progress: bool = True,
-    run: Callable[..., tuple[dict[str, Any], bool]] | None = None,
+    run: Callable[..., tuple[Row, bool]] | None = None,
 ) -> list[CellResult]:
     """Run every config through `run` (default `bench.runner.run.execute`) with one shared model cache.
 
@@ -243,7 +204,7 @@ def describe(res: CellResult) -> str:
             f"prepare {prepare_source(res.row)})")
 
 
-def prepare_source(row: dict[str, Any], short: bool = False) -> str:
+def prepare_source(row: Row, short: bool = False) -> str:
     """Whether the run's prepare phase reused a cached artifact, computed it, or had nothing to do."""
     info = (row.get("info") or {}).get("prepare") or {}
     reused = info.get("reused", info.get("stats_reused"))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.results.variants import matches_set
+from bench.store.schema import Row
 
 K = 3.0
 RESIDUAL_FACTOR = 4.0
@@ -76,9 +77,9 @@ def _num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)
 
 
-def group_rows(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str, int], list[dict[str, Any]]]:
+def group_rows(rows: Iterable[Row]) -> dict[tuple[str, str, str, int], list[Row]]:
     """ok rows of the default variant, grouped by (task, model, editor, m)."""
-    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, str, str, int], list[Row]] = defaultdict(list)
     for r in rows:
         if r.get("status") != "ok" or not matches_set(r["config"], {}):  # default variants only
             continue
@@ -86,7 +87,7 @@ def group_rows(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str, int]
     return dict(sorted(groups.items()))
 
 
-def derive(rows: Iterable[dict[str, Any]], min_runs: int = 3, left_out: list[str] | None = None) -> list[CellBound]:
+def derive(rows: Iterable[Row], min_runs: int = 3, left_out: list[str] | None = None) -> list[CellBound]:
     """Bounds for every cell with at least `min_runs` runs; ValueError if a bound could not catch a no-op.
 
     With a `left_out` list such a cell is not gated instead: the reason is appended to the list.
@@ -140,7 +141,7 @@ class RatioBound:
     note: str
 
 
-def derive_ratios(rows: Iterable[dict[str, Any]], min_runs: int = 3) -> list[RatioBound]:
+def derive_ratios(rows: Iterable[Row], min_runs: int = 3) -> list[RatioBound]:
     """RATIOS entries with at least `min_runs` side-by-side pairs in the campaign."""
     groups = group_rows(rows)
     out = []

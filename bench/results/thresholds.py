@@ -38,7 +38,6 @@ threshold could never match a row). Model names are not checked: any path or hub
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -46,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.results.variants import data_id, matches_set, variant_label
+from bench.runner.overrides import TASK_IO_FIELDS, editor_keys, split_overrides, task_keys
+from bench.store.schema import Row
 
 METRICS = ("es", "gs", "ls", "ls_agree", "es_seq", "gs_seq", "ls_seq",
            "pre_es", "pre_gs", "pre_ls", "pre_es_seq", "pre_gs_seq", "pre_ls_seq")
@@ -81,7 +82,7 @@ class Selector:
     seed: int | None = None
     sequential: int = 0  # 0: one-batch rows; T: rows of --sequential T
 
-    def matches(self, row: dict[str, Any]) -> bool:
+    def matches(self, row: Row) -> bool:
         cfg = row.get("config", {})
         return (row.get("status") == "ok" and row.get("task") == self.task and row.get("model") == self.model
                 and row.get("editor") == self.editor and row.get("n_edits") == self.n_edits
@@ -213,18 +214,18 @@ def _check_names(sel: Selector, where: str) -> None:
     """Unknown editor, task or `set` key: the threshold could never match a row, so it is a bad file."""
     import editors
     import tasks
-    from bench.results.variants import _TASK_IO_FIELDS
 
     for kind, name, registry in (("editor", sel.editor, editors.EDITORS), ("task", sel.task, tasks.TASKS)):
         if name not in registry:
             raise ThresholdError(f"{where}: unknown {kind} '{name}'; choices: {', '.join(sorted(registry))}")
-    hp = {f.name for f in dataclasses.fields(editors.EDITORS[sel.editor].hparams_cls)}
-    tc = {f.name for f in dataclasses.fields(tasks.TASKS[sel.task].config_cls)} - set(_TASK_IO_FIELDS)
+    editor_cls, task_cls = editors.EDITORS[sel.editor], tasks.TASKS[sel.task]
+    _, _, unknown = split_overrides(task_cls, editor_cls, sel.set)
     for k in sel.set:
-        if k in _TASK_IO_FIELDS:
+        if k in TASK_IO_FIELDS:
             raise ThresholdError(f"{where}: 'set' key '{k}' is not a variant choice (rows are told apart by "
                                  "their data's content); remove it")
-        if k not in hp | tc:
+        if k in unknown:
+            hp, tc = editor_keys(editor_cls), [f for f in task_keys(task_cls) if f not in TASK_IO_FIELDS]
             raise ThresholdError(f"{where}: unknown 'set' key '{k}' for editor '{sel.editor}' / task '{sel.task}'; "
                                  f"valid: editor {sorted(hp)}, task {sorted(tc)}")
 
@@ -292,7 +293,7 @@ def load_thresholds(path: str | Path) -> tuple[list[Threshold], list[Ratio]]:
     return ths, ratios
 
 
-def quantity(row: dict[str, Any], name: str) -> float | None:
+def quantity(row: Row, name: str) -> float | None:
     """A metric, time or top-level number of a row (None when absent or null)."""
     if name in METRICS:
         v = (row.get("metrics") or {}).get(name)
@@ -303,7 +304,7 @@ def quantity(row: dict[str, Any], name: str) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def newest(rows: list[dict[str, Any]], sel: Selector, like: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def newest(rows: list[Row], sel: Selector, like: Row | None = None) -> Row | None:
     """The last stored `ok` row matching `sel` (and, with `like`, measured in the same setting as `like`)."""
     for row in reversed(rows):
         if sel.matches(row) and (like is None or same_setting(row, like)):
@@ -311,7 +312,7 @@ def newest(rows: list[dict[str, Any]], sel: Selector, like: dict[str, Any] | Non
     return None
 
 
-def same_setting(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def same_setting(a: Row, b: Row) -> bool:
     """Same seed, data, device and machine: the two rows were measured side by side."""
     ea, eb = a.get("env", {}), b.get("env", {})
     return (a.get("seed") == b.get("seed") and data_id(a["config"]) == data_id(b["config"])
@@ -319,7 +320,7 @@ def same_setting(a: dict[str, Any], b: dict[str, Any]) -> bool:
             and all(ea.get(k) == eb.get(k) for k in ("device", "threads", "torch")))
 
 
-def _measure(row: dict[str, Any] | None, what: str, scope: str, bounds: tuple[Bound, ...], q: str | None = None,
+def _measure(row: Row | None, what: str, scope: str, bounds: tuple[Bound, ...], q: str | None = None,
              value: float | None = None, missing: str = "") -> list[Outcome]:
     out = []
     for b in bounds:
@@ -335,7 +336,7 @@ def _measure(row: dict[str, Any] | None, what: str, scope: str, bounds: tuple[Bo
     return out
 
 
-def evaluate(ths: list[Threshold], ratios: list[Ratio], rows: list[dict[str, Any]]) -> list[Outcome]:
+def evaluate(ths: list[Threshold], ratios: list[Ratio], rows: list[Row]) -> list[Outcome]:
     """Every bound of every threshold and ratio against the newest matching rows."""
     out: list[Outcome] = []
     for t in ths:

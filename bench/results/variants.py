@@ -12,11 +12,7 @@ import json
 from typing import Any
 
 from bench.core.config import canonical_json, stable_hash
-
-# Task-config fields that are not a choice of the variant: the data files are identified by content
-# (`data_id`; `source`, shipped or full, is not even stored: bench.runner.run records the files it chose),
-# and skipping bad records is recorded in the row.
-_TASK_IO_FIELDS = ("data", "train_data", "skip_bad", "source")
+from bench.runner.overrides import TASK_IO_FIELDS  # task-config fields that are not a choice of the variant
 
 
 def _plain(obj: Any) -> Any:
@@ -46,7 +42,7 @@ def task_defaults(task: str) -> dict[str, Any] | None:
     if cls is None:
         return None
     d = _plain(dataclasses.asdict(cls.config_cls()))
-    return {k: v for k, v in d.items() if k not in _TASK_IO_FIELDS}
+    return {k: v for k, v in d.items() if k not in TASK_IO_FIELDS}
 
 
 def variant_diff(config: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +62,7 @@ def variant_diff(config: dict[str, Any]) -> dict[str, Any]:
         # A hyperparameter added since the row was stored: the row ran without it (e.g. MALMEN rows from
         # before `block` and `loss_norm`), so it is not today's default configuration either.
         out.update({k: None for k in dflt if k not in hp})
-    tc = {k: v for k, v in _plain(config.get("task_config", {})).items() if k not in _TASK_IO_FIELDS}
+    tc = {k: v for k, v in _plain(config.get("task_config", {})).items() if k not in TASK_IO_FIELDS}
     tdflt = task_defaults(config["task"])
     if tdflt is None:
         out["task_config#"] = stable_hash(tc, 8)

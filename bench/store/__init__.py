@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.store.schema import JSON_TYPES, ROW_SCHEMA, row_problem
+from bench.store.schema import JSON_TYPES, ROW_SCHEMA, Row, row_problem
 
 __all__ = ["ROW_SCHEMA", "ResultStore", "StoreError", "StoreWriteError", "ensure_cache", "ensure_dir", "parse_row",
            "row_problem"]
@@ -76,7 +76,7 @@ def ensure_cache(path: str | Path, what: str = "--cache-dir") -> Path:
     return path
 
 
-def parse_row(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+def parse_row(raw: bytes) -> tuple[Row | None, str]:
     """One stored line -> (row, "") or (None, why it is not a row)."""
     try:
         text = raw.decode("utf-8")
@@ -138,7 +138,7 @@ class ResultStore:
         finally:
             lock.release()
 
-    def append(self, row: dict[str, Any]) -> None:
+    def append(self, row: Row) -> None:
         """Append one row as a whole line under an exclusive lock, fsynced; StoreWriteError if it cannot be."""
         line = (json.dumps(row, sort_keys=True, allow_nan=True) + "\n").encode()
         try:
@@ -187,7 +187,7 @@ class ResultStore:
         finally:
             os.close(fd)
 
-    def rows(self) -> Iterator[dict[str, Any]]:
+    def rows(self) -> Iterator[Row]:
         """All whole rows; a line that is not one (killed writer, bad byte, not a row object) is skipped with a warning."""
         try:
             f = open(self.path, "rb")  # bytes, decoded per line: one bad byte loses only its line
@@ -207,7 +207,7 @@ class ResultStore:
                 else:
                     yield row
 
-    def find_ok(self, config_hash: str) -> dict[str, Any] | None:
+    def find_ok(self, config_hash: str) -> Row | None:
         """The newest `ok` row with this config hash, if any."""
         found = None
         for row in self.rows():

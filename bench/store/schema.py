@@ -1,13 +1,90 @@
-"""The row schema of the result store: the fields every reader uses and their JSON types.
+"""The row of the result store: its fields as a type (`Row`) and, beside it, their runtime check.
 
-A stored line that breaks it (`row_problem` says how) is skipped by every reader with one warning
-(bench/store/__init__.py).
+`Row` is what the runner builds and every reader (store, report, check, derive) gets. `ROW_SCHEMA`
+checks each stored line at runtime: a line that breaks it (`row_problem` says how) is skipped by every
+reader with one warning (bench/store/__init__.py). Every field of `Row` (and of its nested typed
+parts) has a schema entry and every schema entry names a field of `Row` (tests/test_store.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypedDict
+
+
+class Times(TypedDict, total=False):
+    """Seconds of the phases; edit and eval are per batch with --batches or --sequential."""
+
+    prepare_s: float
+    edit_s: float
+    eval_s: float
+    pre_eval_s: float  # --sequential: the one evaluation of the unedited model
+
+
+class Env(TypedDict, total=False):
+    """Versions and hardware the run used (bench/runner/provenance.py)."""
+
+    python: str
+    torch: str
+    transformers: str
+    device: str
+    threads: int | None
+    cpu: dict[str, Any]
+    git_commit: str | None
+    git_dirty: bool | None
+
+
+class RecordedConfig(TypedDict, total=False):
+    """The resolved config as recorded and hashed (bench/runner/resolve.py); the optional keys only when not
+    the default, so older rows keep their hashes."""
+
+    editor: str
+    model: str
+    task: str
+    n_edits: int
+    seed: int
+    device: str
+    hparams: dict[str, Any]
+    task_config: dict[str, Any]
+    data: dict[str, Any] | None
+    model_id: str
+    dtype: str
+    device_map: str
+    batches: int
+    sequential: int
+    eval: dict[str, bool]
+
+
+class Row(TypedDict, total=False):
+    """One stored run. REQUIRED keys are in every row, OK_REQUIRED also in every `ok` one."""
+
+    run_id: str
+    started_at: str
+    config: RecordedConfig
+    config_hash: str
+    editor: str
+    model: str
+    task: str
+    n_edits: int
+    seed: int
+    env: Env
+    status: str  # "ok" or "failed"
+    error: str
+    traceback: str
+    model_sha256: str
+    metrics: dict[str, float | None]
+    metrics_std: dict[str, float | None] | None
+    batches: list[dict[str, Any]] | None
+    sequence: list[dict[str, Any]] | None
+    times: Times
+    peak_mem_prepare_bytes: int | None
+    peak_mem_edit_bytes: int | None
+    peak_mem_per_device: dict[str, Any]
+    mem_kind: str
+    mean_residual: float | None
+    n_skipped_records: int
+    info: dict[str, Any]
+    samples_path: str
 
 JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array",
               dict: "object"}
@@ -29,6 +106,7 @@ KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "obj": ("an object", lambda v: isinstance(v, dict)),
     "obj?": ("an object or null", lambda v: v is None or isinstance(v, dict)),
     "list?": ("an array or null", lambda v: v is None or isinstance(v, list)),
+    "any": ("anything", lambda v: True),  # a field of Row that no reader checks
 }
 ROW_SCHEMA: dict[str, str] = {
     "config": "obj", "config_hash": "str", "run_id": "str", "status": "str", "editor": "str", "model": "str",
@@ -41,12 +119,18 @@ ROW_SCHEMA: dict[str, str] = {
     "batches": "list?", "batches.*": "obj", "batches.*.metrics": "obj", "batches.*.metrics.*": "num?",
     "sequence": "list?", "sequence.*": "obj", "sequence.*.metrics": "obj", "sequence.*.metrics.*": "num?",
     "sequence.*.n_edited": "int", "sequence.*.first_batch": "obj",
+    "traceback": "any", "model_sha256": "any", "peak_mem_per_device": "any", "samples_path": "any",
+    "config.editor": "any", "config.model": "any", "config.task": "any", "config.n_edits": "any", "config.seed": "any",
+    "config.hparams": "any", "config.task_config": "any", "config.model_id": "any", "config.dtype": "any",
+    "config.device_map": "any", "config.batches": "any", "config.eval": "any",
+    "env.python": "any", "env.torch": "any", "env.transformers": "any", "env.device": "any", "env.cpu": "any",
+    "env.git_commit": "any", "env.git_dirty": "any",
 }
 REQUIRED = ("config", "config_hash", "run_id", "status", "editor", "model", "task", "n_edits", "seed")
 OK_REQUIRED = ("metrics", "times")
 
 
-def _at(row: dict[str, Any], path: str) -> Iterator[tuple[str, Any]]:
+def _at(row: Row | dict[str, Any], path: str) -> Iterator[tuple[str, Any]]:
     """(concrete path, value) for every value at a dotted schema path that exists in `row`."""
     found: list[tuple[str, Any]] = [("", row)]
     for part in path.split("."):
@@ -61,7 +145,7 @@ def _at(row: dict[str, Any], path: str) -> Iterator[tuple[str, Any]]:
     return iter(found)
 
 
-def row_problem(row: dict[str, Any]) -> str:
+def row_problem(row: Row | dict[str, Any]) -> str:
     """"" for a row every reader can use, else what is wrong with it (the first field that breaks ROW_SCHEMA)."""
     need = REQUIRED + (OK_REQUIRED if row.get("status") == "ok" else ())
     if missing := [k for k in need if k not in row]:
