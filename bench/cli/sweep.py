@@ -22,11 +22,19 @@ from rich.table import Table
 
 from bench.cli.options import (
     BatchesOpt,
+    CacheDirOpt,
     CfScoresOpt,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
     FluencyOpt,
     GenerationOpt,
     LogSamplesOpt,
+    ModelOpt,
     SequentialOpt,
+    SkipBadOpt,
+    TaskOpt,
+    TrainDataOpt,
 )
 from bench.core import config
 from bench.executors.sweep import CellResult, exit_code, grid, parse_list, prepare_source
@@ -55,12 +63,12 @@ def summary(results: Sequence[CellResult], title: str) -> Table:
 
 def sweep(
     editors: Annotated[str, typer.Option(help="comma-separated editor names, e.g. malmen,mend,memit,ft")],
-    model: Annotated[str, typer.Option(help="embedded alias, Hugging Face id or local folder")] = config.DEFAULT_MODEL,
-    task: Annotated[str, typer.Option(help="task name")] = config.DEFAULT_TASK,
+    model: ModelOpt = config.DEFAULT_MODEL,
+    task: TaskOpt = config.DEFAULT_TASK,
     edits: Annotated[str, typer.Option(help="comma-separated numbers of edits, e.g. 16,64,256,1024")] = "16,64",
     seeds: Annotated[str, typer.Option(help="comma-separated seeds, e.g. 0,1,2")] = "0",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    dtype: Annotated[str, typer.Option(help="the model's weights: float32, bfloat16 or float16")] = "float32",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
     device_map: Annotated[str | None, typer.Option(
         help="auto: accelerate spreads the model over the visible GPUs (or balanced, sequential, a device); "
              "Hugging Face ids and folders only")] = None,
@@ -71,10 +79,10 @@ def sweep(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="key=value for every cell (task config or hparams); editor.key=value for one editor")] = None,
     results: Annotated[Path, typer.Option(help="result store folder")] = Path("results"),
-    cache_dir: Annotated[Path | None, typer.Option(help="cache for models/checkpoints/stats (default: --results)")] = None,
-    data: Annotated[Path | None, typer.Option(help="your own evaluation data file (JSON or JSONL)")] = None,
-    train_data: Annotated[Path | None, typer.Option(help="your own meta-training data file")] = None,
-    skip_bad: Annotated[bool, typer.Option(help="skip malformed records (counted in the row)")] = False,
+    cache_dir: CacheDirOpt = None,
+    data: DataOpt = None,
+    train_data: TrainDataOpt = None,
+    skip_bad: SkipBadOpt = False,
     force: Annotated[bool, typer.Option(help="rerun cells already stored as ok")] = False,
     dry_run: Annotated[bool, typer.Option(help="check every cell and show what would run or be reused; load nothing")] = False,
     batches: BatchesOpt = "1",
