@@ -12,6 +12,7 @@ import pandas as pd
 
 from bench.results.variants import cell_key, data_id, variant_diff, variant_key, variant_label
 from bench.store import ResultStore
+from bench.store.schema import Row
 
 PCT = {"metrics.pre_es": "pre ES", "metrics.es": "ES", "metrics.gs": "GS", "metrics.pre_ls": "pre LS",
        "metrics.ls": "LS", "metrics.ls_agree": "LS agree", "metrics.es_seq": "ES seq", "metrics.gs_seq": "GS seq",
@@ -35,7 +36,7 @@ MEM_COLS = ("peak_edit_mib", "peak_prepare_mib")
 
 def load_runs(results_dir: str | Path) -> pd.DataFrame:
     """Every stored row flattened with `pd.json_normalize`, plus grouping columns (variant, cell, data id)."""
-    rows = list(ResultStore(results_dir).rows())
+    rows: list[Row] = list(ResultStore(results_dir).rows())
     if not rows:
         return pd.DataFrame()
     df = pd.json_normalize(rows)
