@@ -1,2 +1,3 @@
-"""One run from config to stored row (`run`: resolve, plan, execute), the lifelong loop (`sequential`),
+"""One run from config to stored row: the loop (`run`: execute, run_one), `checks`, `resolve`, `overrides` (the
+`--set` split), `plan` (dry run), `provenance`, `model_cache`, `phases`, the lifelong loop (`sequential`),
 fetching the full task data (`download`) and the models' block counts (`depth`)."""
