@@ -71,6 +71,51 @@ def synthetic_task():
     return TASKS["synthetic"]()
 
 
+# -- artefacts built beside the tests (tests/prebuild.py) ------------------------------------------
+
+# Fixtures whose model the worker may build: tests using them wait on the model's cache lock, not on the worker.
+FIXTURE_ARTEFACTS = {"tiny_t5": "tiny-t5", "smollm2": "smollm2-135m", "tiny_bert": "tiny-bert"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "prebuilt(*names, wait=True): artefacts of tests/prebuild.py the test uses, "
+                            "built by a worker beside the tests; the test waits for a checkpoint (a name with '/')")
+
+
+def pytest_collection_finish(session):
+    """Start the worker for the artefacts the selected tests use (none with --collect-only or EDITBENCH_TEST_PREBUILD=0)."""
+    from tests import prebuild
+
+    if session.config.option.collectonly or os.environ.get("EDITBENCH_TEST_PREBUILD", "1") == "0":
+        return
+    wanted: set[str] = set()
+    for item in session.items:
+        for mark in item.iter_markers("prebuilt"):
+            wanted.update(mark.args)
+        wanted.update(a for f, a in FIXTURE_ARTEFACTS.items() if f in getattr(item, "fixturenames", ()))
+    unknown = wanted - set(prebuild.ARTEFACTS)
+    assert not unknown, f"@pytest.mark.prebuilt names artefacts tests/prebuild.py does not build: {sorted(unknown)}"
+    if wanted:
+        prebuild.start_worker(sorted(wanted))
+
+
+@pytest.fixture(autouse=True)
+def _prebuilt_checkpoints(request):
+    """A test marked prebuilt("model/checkpoint") starts once the worker has written that checkpoint."""
+    from tests.prebuild import wait_for
+
+    for mark in request.node.iter_markers("prebuilt"):
+        for name in mark.args:
+            if "/" in name and mark.kwargs.get("wait", True):  # models: waited for on their cache lock
+                wait_for(name)
+
+
+def pytest_unconfigure(config):
+    from tests.prebuild import stop_worker
+
+    stop_worker()
+
+
 def pytest_collection_modifyitems(config, items):
     """Benchmarks (tests using pytest-benchmark's `benchmark` fixture) are measurements, not checks:
     they run only with `--benchmark-enable` and are deselected (reported as such) otherwise."""

@@ -57,6 +57,7 @@ def test_tiny_bert_retrained_in_a_fresh_cache_by_an_unpinned_process_matches_the
 
 
 @pytest.mark.slow
+@pytest.mark.prebuilt("tiny-t5", "minilm-fever", "smollm2-135m")
 @pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-t5", "minilm-fever", "smollm2-135m"])
 def test_built_in_model_matches_its_reference(alias, results_cache):
     """Loaded (trained from scratch in a fresh clone) through the shared cache, as every run loads it."""

@@ -320,7 +320,7 @@ def test_ft_edits_tiny_t5(tiny_t5, tmp_path, results_cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("editor", ["malmen", "mend"])
+@pytest.mark.parametrize("editor", [pytest.param(e, marks=pytest.mark.prebuilt(f"tiny-t5/{e}-64")) for e in ("malmen", "mend")])
 def test_hypernetwork_editors_edit_tiny_t5(editor, tiny_t5, tmp_path, results_cache):
     """`bench run --editor malmen --model tiny-t5 --task synthetic --edits 64 --seed 0`: the issue's targets.
 

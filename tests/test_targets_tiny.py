@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from bench.cli import app
 from bench.results.thresholds import Threshold, evaluate, load_thresholds
+from tests.prebuild import wait_for
 
 REPO = Path(__file__).parents[1]
 
@@ -41,6 +42,7 @@ def run_64(tmp_path: Path, *sets: str, editor: str = "malmen", edits: int = 64) 
 
 
 @pytest.mark.slow
+@pytest.mark.prebuilt("tiny-gpt2/malmen-64-sum", wait=False)  # waited for after MALMEN's own run, below
 def test_malmen_64_edits_generalise_and_stay_local_and_beat_the_sum_of_shifts(tiny_gpt2, tmp_path):
     """ES >= 0.9, GS >= 0.7, LS within 0.05 of pre-LS; the sum of shifts leaves >= 10x the residual.
 
@@ -52,6 +54,7 @@ def test_malmen_64_edits_generalise_and_stay_local_and_beat_the_sum_of_shifts(ti
     assert m["pre_es"] <= 0.1 and m["pre_gs"] <= 0.1, m
     assert m["es"] >= 0.9 and m["gs"] >= 0.7, m
     assert m["pre_ls"] - m["ls"] <= 0.05, m
+    wait_for("tiny-gpt2/malmen-64-sum")  # meta-trained by the worker of tests/prebuild.py meanwhile
     summed = run_64(tmp_path / "sum", "shift=sum")
     assert summed["config"]["hparams"]["shift"] == "sum"
     assert summed["mean_residual"] >= 10 * row["mean_residual"], (summed["mean_residual"], row["mean_residual"])
@@ -63,6 +66,7 @@ def test_malmen_64_edits_generalise_and_stay_local_and_beat_the_sum_of_shifts(ti
 
 
 @pytest.mark.slow
+@pytest.mark.prebuilt("tiny-gpt2/mend-8")
 def test_mend_edits_8_facts(tiny_gpt2, tmp_path):
     """MEND (every token cached, summed shifts) edits at m = 8; its checkpoint serves the CI cells.
 
