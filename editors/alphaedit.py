@@ -17,7 +17,7 @@ optimisation, same residual spread over the edited layers), with a different lay
 The official code solves the non-symmetric system (P (KᵀK + K_p) + λI) X = P Kᵀ R. Its solution lies
 in P's range (λX = P(…)), so it equals the solution of the symmetric positive definite system
 above; we solve that one with the float64 Cholesky of `editors.solvers` (least-squares fallback),
-which `tests/test_alphaedit.py` checks against the official form.
+which `tests/editors/test_alphaedit.py` checks against the official form.
 
 `mom2_update_weight` is not used (the official code carries it in its hparams but never reads it).
 Hyperparameters: the AlphaEdit repository's files for GPT-2 XL, GPT-J and Llama3-8B (`editors/hparams/

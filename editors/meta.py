@@ -9,7 +9,7 @@ Algorithm 1). For classifiers both are over the class distribution. One equivale
 per edit (the request's own prompt when it has no rephrase) and its locality probe is the
 unrelated tuple.
 
-Two meta-gradients, equal up to rounding (tests/test_malmen_grad.py):
+Two meta-gradients, equal up to rounding (tests/editors/test_malmen_grad.py):
 - `two_stage` (Algorithm 2): S* is computed without a graph; the meta loss is back-propagated
   through the LM only, in micro-batches, giving ∇W̃ per layer (size independent of m); then
   M = ∇W̃ A⁻¹, ∇D = M U, dL/dλ = -tr(M S*ᵀ), and the proxy Σ tr(∇Dᵀ D) is back-propagated

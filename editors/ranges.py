@@ -7,7 +7,7 @@ where `--set` values and the per-model files `editors/hparams/<editor>/<model>.j
 hyperparameters, checks every given value against it before the dataclass is built; `bench run`
 reports a failure as a one-line error (exit 2) before any model loads, e.g.
 `bad --set value: lr=nan is not a finite number > 0`. A subclass extends its parent's table
-(`RANGES = {**Parent.RANGES, ...}`); tests/test_bad_input_hparams.py checks that every field of every
+(`RANGES = {**Parent.RANGES, ...}`); tests/editors/test_bad_input_hparams.py checks that every field of every
 registered editor has a range and that every default and every shipped per-model value is in it.
 
 What depends on the model (a `last_n` above the model's depth, MEMIT block indices) is checked

@@ -17,7 +17,7 @@ only the blocks after it, fed that output plus δ as `inputs_embeds` (an absolut
 GPT-2's `wpe`, is zeroed during the step: the cached output already carries it).
 
 Exact: the hidden states equal those of the full forward up to float rounding (a different batch
-shape sums in another order); tests/test_memit.py compares the resulting z with the full path."""
+shape sums in another order); tests/editors/test_memit.py compares the resulting z with the full path."""
 
 from __future__ import annotations
 

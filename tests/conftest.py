@@ -18,8 +18,8 @@ from bench.core.machine import pin_numeric_env
 pin_numeric_env()
 # The tests run on the shipped data on every machine, online or not: the default source is `shipped`,
 # and a test that asks for `source=auto` must not download the full zsRE / CounterFact files where the
-# network answers (tasks/sources.py). Inherited by the CLI subprocesses; tests/test_data_sources.py and
-# tests/test_offline_default.py lift it.
+# network answers (tasks/sources.py). Inherited by the CLI subprocesses; tests/tasks/test_data_sources.py and
+# tests/tasks/test_offline_default.py lift it.
 os.environ.setdefault("EDITBENCH_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]

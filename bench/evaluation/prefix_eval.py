@@ -6,7 +6,7 @@ continuation. As separate padded forwards, each of them recomputes the prompt, w
 sequence (zsRE and CounterFact answers are one to three tokens). Here each batch of prompts is run
 once, left-padded with explicit positions, and every answer and the greedy decode continue from its
 key/value cache (cropped back to the prompt in between). It is the same causal computation, so the
-scores equal the separate passes to float rounding (tests/test_prefix_eval.py); the output head is
+scores equal the separate passes to float rounding (tests/evaluation/test_prefix_eval.py); the output head is
 applied only where a token is scored.
 
 Decoder-only language models only; `fits` says when a call would need the prompt truncation of

@@ -3,7 +3,7 @@
 `Row` is what the runner builds and every reader (store, report, check, derive) gets. `ROW_SCHEMA`
 checks each stored line at runtime: a line that breaks it (`row_problem` says how) is skipped by every
 reader with one warning (bench/store/__init__.py). Every field of `Row` (and of its nested typed
-parts) has a schema entry and every schema entry names a field of `Row` (tests/test_store.py).
+parts) has a schema entry and every schema entry names a field of `Row` (tests/store/test_store.py).
 """
 
 from __future__ import annotations

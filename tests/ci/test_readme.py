@@ -7,8 +7,6 @@ import sys
 import types
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -48,7 +46,3 @@ def test_the_readme_editor_snippet_registers_and_runs_an_editor(tmp_path):
             del EDITORS[name]
         sys.modules.pop(module.__name__, None)
     assert EDITORS == before
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(pytest.main([__file__, "-q"]))
