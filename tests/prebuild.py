@@ -57,16 +57,18 @@ def _checkpoint(editor: str, model: str, n_edits: int, **overrides: str) -> Call
 
 
 # In build order: the worker takes them one after another. tiny-gpt2 itself is trained by the test
-# process (its first tests need it at once); the tiny-gpt2 checkpoints come after the tiny-t5 ones, when
-# that model is in the cache.
+# process (its first tests need it at once), and so is MALMEN's default checkpoint (tests/results/
+# test_targets_tiny.py meta-trains it first); the other tiny-gpt2 checkpoints come after the tiny-t5
+# ones, when tiny-gpt2 is in the cache. tiny-bert and SmolLM2 go last: tests early in the session that
+# need them build them under their cache lock, and the worker then finds them there.
 ARTEFACTS: dict[str, Callable[[], None]] = {
     "tiny-t5": _model("tiny-t5"),
     "tiny-t5/malmen-64": _checkpoint("malmen", "tiny-t5", 64),  # tests/models/test_t5.py
     "tiny-t5/mend-64": _checkpoint("mend", "tiny-t5", 64),
     "tiny-gpt2/mend-8": _checkpoint("mend", "tiny-gpt2", 8),  # tests/results/test_targets_tiny.py (and CI's smoke)
     "tiny-gpt2/malmen-64-sum": _checkpoint("malmen", "tiny-gpt2", 64, shift="sum"),
+    "minilm-fever": _model("minilm-fever"),  # tests/zoo/test_builtin_weights.py only
     "tiny-bert": _model("tiny-bert"),
-    "minilm-fever": _model("minilm-fever"),
     "smollm2-135m": _model("smollm2-135m"),
 }
 
