@@ -10,7 +10,8 @@ from typing import Any
 
 from bench.core import config
 from bench.core.console import stdout_to_stderr
-from bench.diagnostics.geometry import LayerGeometry, key_geometry
+from bench.diagnostics import geometry
+from bench.diagnostics.geometry import LayerGeometry
 
 
 def run_key_geometry(model: str, task: str, edits: int, seed: int, layers: str, blocks: str | None,
@@ -74,4 +75,4 @@ def run_key_geometry(model: str, task: str, edits: int, seed: int, layers: str, 
     except (ValueError, TypeError, ModelLoadError) as e:
         raise UserError(str(e)) from e
     with stdout_to_stderr(quiet_stdout):
-        return key_geometry(em, requests, modules, lams)
+        return geometry.key_geometry(em, requests, modules, lams)  # looked up at call time (tests replace it)
