@@ -26,6 +26,20 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any attempt to load (or train) a model fails the test: for checks that must fail before loading."""
+    import bench.models
+    import bench.runner.model_cache
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(bench.models, "load_model", boom)
+    monkeypatch.setattr(bench.models, "_call", boom)
+    monkeypatch.setattr(bench.runner.model_cache, "load_model", boom)
+
+
 @pytest.fixture(scope="session")
 def results_cache() -> Path:
     """The shared model cache folder (<repo>/results)."""

@@ -17,18 +17,6 @@ from bench.runner.run import UserError, resolve
 runner = CliRunner()
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Any attempt to load (or train) a model fails the test."""
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(bench.models, "load_model", boom)
-    monkeypatch.setattr(bench.models, "_call", boom)
-    monkeypatch.setattr(bench.runner.model_cache, "load_model", boom)
-
-
 def bench_cli(*args: str):
     t0 = time.perf_counter()
     r = runner.invoke(app, list(args), catch_exceptions=False)

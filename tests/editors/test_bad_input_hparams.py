@@ -30,18 +30,6 @@ from editors.ranges import BadValue, bad_fields, ranges_of
 runner = CliRunner()
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Any attempt to load (or train) a model fails the test."""
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(bench.models, "load_model", boom)
-    monkeypatch.setattr(bench.models, "_call", boom)
-    monkeypatch.setattr(bench.runner.model_cache, "load_model", boom)
-
-
 def cli(*args: str):
     return runner.invoke(app, list(args), catch_exceptions=False)
 

@@ -20,9 +20,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import bench.models
-import bench.runner.model_cache
-import bench.runner.run
 from bench.cli import app
 from bench.core.cachefs import CacheWarning
 from bench.core.config import RunConfig
@@ -115,17 +112,6 @@ def server(monkeypatch) -> Iterator[Server]:
     monkeypatch.setenv("EDITBENCH_DATA_URL", s.url)
     yield s
     s.close()
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Any attempt to load a model fails the test."""
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(bench.models, "load_model", boom)
-    monkeypatch.setattr(bench.runner.model_cache, "load_model", boom)
 
 
 def zsre_cfg(**kw) -> RunConfig:
